@@ -1,0 +1,32 @@
+# The two commands of README: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+EXTRAS := blazepose,yolo,dask,export,dev
+DEMO := demo-out
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -c constraints.txt -e '.[$(EXTRAS)]'
+	# ultralytics (yolo extra) pulls opencv-python beside mediapipe's opencv-contrib-python; both
+	# write the same cv2/ folder. Reinstalling the contrib build last, at the same pinned version,
+	# leaves one cv2: the superset that both need.
+	$(BIN)/pip install -q --no-deps --force-reinstall -c constraints.txt opencv-contrib-python
+	$(BIN)/pip check
+	touch $@
+
+demo: setup
+	$(BIN)/python -m pose_prep.sample_images $(DEMO)/images
+	$(BIN)/vsam pose --images $(DEMO)/images --out $(DEMO)/pose --overlays
+	@echo "demo: open $(DEMO)/pose/ for keypoints (OpenPose JSON) and overlays (PNG)"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO) *.egg-info

@@ -1,0 +1,440 @@
+"""The shard format: the contract between `vsam prep-pose` (writer) and the trainer (reader).
+
+A shard collection is a folder holding
+
+* `shard-NNNNNN.h5`: immutable HDF5 files, each written completely under a temporary name, fsynced
+  and renamed, so a reader never sees a partial shard;
+* `index.sqlite`: the manifest and the only source of truth for which rows are live. A shard row
+  is live when an entry of `files` points at it; rows of changed or deleted images are simply no
+  longer pointed at. A shard file that the index does not list is an orphan of a crash and is
+  deleted by the next writer.
+
+Nothing is pickled: arrays are plain HDF5 datasets and structured metadata is JSON text.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+
+from .keypoints import NUM_JOINTS
+
+SCHEMA_VERSION = 1
+INDEX_NAME = "index.sqlite"
+SHARD_GLOB = "shard-*.h5"
+_SHARD_RE = re.compile(r"^shard-(\d{6})\.h5$")
+SPLITS = ("train", "val", "test", "none")   # "none": no split given (a drop to predict on)
+STATUSES = ("ok", "no_person", "rejected")  # ok and no_person are stored in a shard
+
+# Per-item datasets, in the order they are written and checksummed.
+ITEM_DATASETS = ("image_offsets", "image_bytes", "heatmap", "keypoints", "has_pose", "category",
+                 "attributes", "split", "path", "sha256", "width", "height")
+
+
+class ShardFormatError(Exception):
+    """A shard or index that this version cannot read, or that is damaged; names the file."""
+
+
+@dataclass
+class Vocabulary:
+    """Label names. Attributes may belong to named groups; `exclusive` groups hold exactly one
+    true attribute per item (DeepFashion attribute subset), so they also get top-1 metrics."""
+    categories: list[str] = field(default_factory=list)
+    category_types: list[int] = field(default_factory=list)   # DeepFashion: 1 upper, 2 lower, 3 full
+    attributes: list[str] = field(default_factory=list)
+    attribute_groups: list[str] = field(default_factory=list)  # group name per attribute ("" = none)
+    exclusive_groups: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Vocabulary":
+        return cls(**json.loads(text))
+
+    @property
+    def group_names(self) -> list[str]:
+        """Groups in order of first appearance."""
+        return list(dict.fromkeys(g for g in self.attribute_groups if g))
+
+    def group_indices(self) -> dict[str, list[int]]:
+        return {g: [i for i, a in enumerate(self.attribute_groups) if a == g] for g in self.group_names}
+
+
+@dataclass
+class ShardItem:
+    image: bytes                  # encoded image (JPEG unless the collection says otherwise)
+    heatmap: np.ndarray           # (H, W) uint8, 255 = 1.0
+    keypoints: np.ndarray         # (18, 3) float32, pixels of the original image
+    has_pose: bool
+    category: int                 # index into Vocabulary.categories, -1 unknown
+    attributes: np.ndarray        # (A,) int8: 1 true, 0 false, -1 unknown
+    split: str                    # one of SPLITS
+    path: str                     # relative to --images, POSIX separators
+    sha256: str                   # of the source file's bytes
+    width: int                    # of the original (EXIF-corrected) image
+    height: int
+
+
+@dataclass
+class ShardMetadata:
+    """File attributes shared by every shard of a collection (plus per-file ones added on write)."""
+    vocabulary: Vocabulary
+    heatmap: dict                 # {"size": [H, W], "sigma": s, "joint_groups": {...}, "limbs": true}
+    detector: str
+    detector_version: str
+    image_encoding: dict          # {"format": "jpeg", "max_side": 256, "quality": 90}
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:06d}.h5"
+
+
+def shard_number(path: str | Path) -> int | None:
+    match = _SHARD_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+# --- HDF5 shards ---------------------------------------------------------------------------
+
+def _item_arrays(items: list[ShardItem], n_attributes: int) -> dict[str, np.ndarray]:
+    sizes = np.array([len(item.image) for item in items], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    attributes = np.stack([np.asarray(i.attributes, np.int8) for i in items]) if n_attributes \
+        else np.zeros((len(items), 0), np.int8)
+    return {
+        "image_offsets": offsets,
+        "image_bytes": np.frombuffer(b"".join(item.image for item in items), np.uint8),
+        "heatmap": np.stack([np.asarray(item.heatmap, np.uint8) for item in items]),
+        "keypoints": np.stack([np.asarray(item.keypoints, np.float32) for item in items]),
+        "has_pose": np.array([item.has_pose for item in items], np.uint8),
+        "category": np.array([item.category for item in items], np.int32),
+        "attributes": attributes,
+        "split": np.array([SPLITS.index(item.split) for item in items], np.uint8),
+        "path": np.array([item.path for item in items], dtype=object),
+        "sha256": np.array([item.sha256 for item in items], dtype="S64"),
+        "width": np.array([item.width for item in items], np.int32),
+        "height": np.array([item.height for item in items], np.int32),
+    }
+
+
+def _checksum(array: np.ndarray) -> str:
+    if array.dtype == object:
+        payload = "\0".join(array.tolist()).encode("utf-8")
+    else:
+        payload = np.ascontiguousarray(array).tobytes()
+    return hashlib.sha256(payload).hexdigest()
+
+
+def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadata) -> None:
+    """Write a complete shard atomically: temporary file, fsync, rename, fsync of the folder."""
+    path = Path(path)
+    if not items:
+        raise ValueError("a shard holds at least one item")
+    for item in items:
+        if item.split not in SPLITS:
+            raise ValueError(f"{item.path}: split {item.split!r} is not one of {SPLITS}")
+        if np.shape(item.keypoints) != (NUM_JOINTS, 3):
+            raise ValueError(f"{item.path}: keypoints must be ({NUM_JOINTS}, 3)")
+    arrays = _item_arrays(items, len(metadata.vocabulary.attributes))
+    temporary = path.with_name(f".{path.name}.tmp")
+    with h5py.File(temporary, "w") as f:
+        for name in ITEM_DATASETS:
+            array = arrays[name]
+            if name == "path":
+                f.create_dataset(name, data=array, dtype=h5py.string_dtype("utf-8"))
+            elif name == "heatmap":
+                # Heatmaps are mostly zeros: lzf shrinks them ~5x and decodes fast.
+                f.create_dataset(name, data=array, compression="lzf", chunks=(min(len(items), 64),) + array.shape[1:])
+            else:
+                f.create_dataset(name, data=array)
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["n_items"] = len(items)
+        f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        f.attrs["vocabulary"] = metadata.vocabulary.to_json()
+        f.attrs["heatmap"] = json.dumps(metadata.heatmap, sort_keys=True)
+        f.attrs["detector"] = metadata.detector
+        f.attrs["detector_version"] = metadata.detector_version
+        f.attrs["image_encoding"] = json.dumps(metadata.image_encoding, sort_keys=True)
+        f.attrs["splits"] = json.dumps(SPLITS)
+        f.attrs["checksums"] = json.dumps({name: _checksum(arrays[name]) for name in ITEM_DATASETS}, sort_keys=True)
+    _fsync_file(temporary)
+    os.replace(temporary, path)
+    _fsync_folder(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Shard:
+    """A read-only shard. Opens the HDF5 file on first use, so it can be built in one process and
+    used in another (DataLoader workers must each open their own handle)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._file: h5py.File | None = None
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None:
+            try:
+                self._file = h5py.File(self.path, "r")
+            except OSError as error:
+                raise ShardFormatError(f"{self.path}: not a readable HDF5 shard ({error})") from None
+            check_schema(self._file.attrs.get("schema_version"), self.path)
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> "Shard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return int(self.file.attrs["n_items"])
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return Vocabulary.from_json(self.file.attrs["vocabulary"])
+
+    @property
+    def heatmap_params(self) -> dict:
+        return json.loads(self.file.attrs["heatmap"])
+
+    def attrs(self) -> dict:
+        return {key: _attr(value) for key, value in self.file.attrs.items()}
+
+    def read(self, names: tuple[str, ...] = ITEM_DATASETS) -> dict[str, np.ndarray]:
+        """Whole datasets into memory: one read per dataset is the fast way through a shard."""
+        out = {}
+        for name in names:
+            data = self.file[name][...]
+            if name == "path":
+                data = np.array([p.decode("utf-8") if isinstance(p, bytes) else p for p in data], dtype=object)
+            out[name] = data
+        return out
+
+    def image(self, row: int, offsets: np.ndarray | None = None) -> bytes:
+        offsets = self.file["image_offsets"] if offsets is None else offsets
+        start, end = int(offsets[row]), int(offsets[row + 1])
+        return self.file["image_bytes"][start:end].tobytes()
+
+
+def _attr(value):
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def check_schema(version, where: str | Path) -> None:
+    if version is None:
+        raise ShardFormatError(f"{where}: no schema_version attribute: not a vsam shard")
+    if int(version) != SCHEMA_VERSION:
+        raise ShardFormatError(
+            f"{where}: shard schema version {int(version)} is not supported by this vsam "
+            f"(it reads version {SCHEMA_VERSION}); rebuild the shards with `vsam prep-pose` of this version")
+
+
+def verify_shard(path: str | Path) -> list[str]:
+    """Problems found in one shard file (empty when it is sound): schema, datasets, checksums."""
+    problems = []
+    try:
+        with h5py.File(path, "r") as f:
+            try:
+                check_schema(f.attrs.get("schema_version"), path)
+            except ShardFormatError as error:
+                return [str(error)]
+            expected = json.loads(_attr(f.attrs["checksums"]))
+            for name in ITEM_DATASETS:
+                if name not in f:
+                    problems.append(f"{path}: dataset {name} is missing")
+                    continue
+                data = f[name][...]
+                if name == "path":
+                    data = np.array([p.decode("utf-8") if isinstance(p, bytes) else p for p in data], dtype=object)
+                if _checksum(data) != expected.get(name):
+                    problems.append(f"{path}: dataset {name} does not match its checksum")
+    except (OSError, KeyError, ValueError) as error:
+        problems.append(f"{path}: unreadable ({error})")
+    return problems
+
+
+# --- the index -----------------------------------------------------------------------------
+
+_INDEX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS shards (
+    id INTEGER PRIMARY KEY,          -- the NNNNNN of shard-NNNNNN.h5
+    n_items INTEGER NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS files (
+    path TEXT PRIMARY KEY,           -- relative to --images, POSIX separators
+    size INTEGER,
+    mtime_ns INTEGER,
+    sha256 TEXT,
+    status TEXT NOT NULL,            -- ok | no_person | rejected
+    reason TEXT,                     -- why it was rejected
+    shard_id INTEGER REFERENCES shards(id),
+    row INTEGER,
+    split TEXT,
+    labels TEXT,                     -- fingerprint of the labels it was written with
+    updated TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_shard ON files(shard_id, row);
+"""
+
+
+@dataclass
+class FileRecord:
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None
+    status: str
+    reason: str | None = None
+    shard_id: int | None = None
+    row: int | None = None
+    split: str | None = None
+    labels: str | None = None
+
+
+def index_path(folder: str | Path) -> Path:
+    return Path(folder) / INDEX_NAME
+
+
+@contextmanager
+def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.Connection]:
+    """The collection's index. Writers get one transaction per `with connection:` block."""
+    path = index_path(folder)
+    if readonly:
+        if not path.exists():
+            raise ShardFormatError(f"{path}: no shard index here (is {folder} a `vsam prep-pose` output folder?)")
+        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    else:
+        connection = sqlite3.connect(path)
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=FULL")
+        connection.executescript(_INDEX_SCHEMA)
+        if connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() is None:
+            with connection:
+                connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    try:
+        row = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        check_schema(row[0] if row else None, path)
+        yield connection
+    finally:
+        connection.close()
+
+
+def get_meta(connection: sqlite3.Connection, key: str) -> str | None:
+    row = connection.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    return row[0] if row else None
+
+
+def set_meta(connection: sqlite3.Connection, key: str, value: str) -> None:
+    connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+
+def next_shard_number(folder: str | Path, connection: sqlite3.Connection) -> int:
+    """One past every number used so far, by the index or by any file (orphans included)."""
+    in_index = connection.execute("SELECT COALESCE(MAX(id), 0) FROM shards").fetchone()[0]
+    on_disk = [shard_number(p) or 0 for p in Path(folder).glob(SHARD_GLOB)]
+    return max([in_index, *on_disk]) + 1
+
+
+def commit_shard(connection: sqlite3.Connection, number: int, records: list[FileRecord]) -> None:
+    """Register a shard already renamed into place and point its files at it, in one transaction.
+    Call only after `write_shard` returned: the index must never list a file that is not complete."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with connection:
+        connection.execute("INSERT INTO shards VALUES (?, ?, ?)", (number, len(records), now))
+        connection.executemany(
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.reason, number, row, r.split, r.labels, now)
+             for row, r in enumerate(records)])
+
+
+def record_files(connection: sqlite3.Connection, records: list[FileRecord]) -> None:
+    """Insert or update entries that point at no shard (rejected files), in one transaction."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    with connection:
+        connection.executemany(
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.reason, r.shard_id, r.row, r.split, r.labels, now)
+             for r in records])
+
+
+def file_records(connection: sqlite3.Connection) -> dict[str, FileRecord]:
+    rows = connection.execute(
+        "SELECT path, size, mtime_ns, sha256, status, reason, shard_id, row, split, labels FROM files")
+    return {r[0]: FileRecord(*r) for r in rows}
+
+
+def live_rows(folder: str | Path, splits: tuple[str, ...] | None = None) -> dict[Path, np.ndarray]:
+    """Shard file → sorted live row numbers, optionally only items of the given splits."""
+    query = "SELECT shard_id, row FROM files WHERE shard_id IS NOT NULL"
+    args: tuple = ()
+    if splits:
+        query += f" AND split IN ({','.join('?' * len(splits))})"
+        args = tuple(splits)
+    by_shard: dict[int, list[int]] = {}
+    with open_index(folder, readonly=True) as connection:
+        for shard_id, row in connection.execute(query + " ORDER BY shard_id, row", args):
+            by_shard.setdefault(shard_id, []).append(row)
+    return {Path(folder) / shard_name(n): np.array(rows, np.int64) for n, rows in by_shard.items()}
+
+
+def collection_metadata(folder: str | Path) -> dict:
+    """The index's meta table (vocabulary, heatmap parameters, detector) as a dict of strings."""
+    with open_index(folder, readonly=True) as connection:
+        return dict(connection.execute("SELECT key, value FROM meta"))
+
+
+def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[Path]:
+    """Delete temporary files and shard files the index does not list (left by a crash between
+    rename and commit), and shards no live row points at any more. Returns what was removed."""
+    folder = Path(folder)
+    removed = [p for p in folder.glob(f".{SHARD_GLOB}.tmp")]
+    known = {n for (n,) in connection.execute("SELECT id FROM shards")}
+    removed += [p for p in folder.glob(SHARD_GLOB) if shard_number(p) not in known]
+    dead = [n for (n,) in connection.execute(
+        "SELECT id FROM shards WHERE id NOT IN (SELECT DISTINCT shard_id FROM files WHERE shard_id IS NOT NULL)")]
+    if dead:
+        # Forget first, then delete: a crash in between leaves an orphan file, removed next time.
+        with connection:
+            connection.executemany("DELETE FROM shards WHERE id=?", [(n,) for n in dead])
+        removed += [folder / shard_name(n) for n in dead]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
