@@ -24,6 +24,121 @@ def main() -> None:
 
 # --- prep-pose and shards (pose_prep) ---------------------------------------------------------
 
+@main.command("prep-pose")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Catalog folder, searched recursively (jpg, jpeg, png, webp, bmp).")
+@click.option("--labels", type=click.Path(exists=True),
+              help="Labels: a DeepFashion attribute-challenge folder, a DeepFashion benchmark folder, or a CSV.")
+@click.option("--labels-format", type=click.Choice(["deepfashion-attr", "deepfashion", "csv"]),
+              help="Force the labels format instead of detecting it from --labels.")
+@click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
+              help="Output folder: shards, index.sqlite, reports/.")
+@click.option("--detector", default=None, help="Pose detector (default: blazepose).")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
+@click.option("--backend", default="loky", show_default=True, type=click.Choice(["loky", "dask"]),
+              help="loky: local processes; dask: the cluster at --scheduler.")
+@click.option("--scheduler", help="Dask scheduler address (with --backend dask), e.g. tcp://10.0.0.5:8786.")
+@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Items per shard.")
+@click.option("--strict", is_flag=True, help="Exit non-zero when any file was rejected.")
+@click.option("--crop-bbox", is_flag=True, help="Store the crop to the annotated box (formats with boxes).")
+@click.option("--max-side", default=256, show_default=True, type=click.IntRange(0),
+              help="Longer side of the stored JPEG (0: original size).")
+@click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100))
+@click.option("--splits", help="Keep only images of these splits, e.g. train,val (others are left out).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def prep_pose(images, labels, labels_format, out, detector, jobs, backend, scheduler, shard_size, strict,
+              crop_bbox, max_side, jpeg_quality, splits, progress) -> None:
+    """Detect poses in a catalog and write images, heatmaps, keypoints and labels into HDF5 shards.
+
+    Incremental (only new or changed images are processed, deleted ones retired) and crash-safe;
+    one run at a time per output folder (a second one exits with code 75). Exit code 0 also when
+    some files were rejected (they are listed in the report); 1 with --strict then, or when nothing
+    could be processed."""
+    from pathlib import Path
+
+    from pose_prep import lock
+    from pose_prep.labels import LabelError
+    from pose_prep.prep import DEFAULT_DETECTOR, PrepError, PrepOptions, run
+
+    chosen = tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None
+    if chosen and not set(chosen) <= {"train", "val", "test", "none"}:
+        raise click.BadParameter(f"{splits!r}: splits are train, val, test, none", param_hint="--splits")
+    options = PrepOptions(images=Path(images), out=Path(out), labels=Path(labels) if labels else None,
+                          labels_format=labels_format, detector=detector or DEFAULT_DETECTOR, jobs=jobs,
+                          backend=backend, scheduler=scheduler, shard_size=shard_size, strict=strict,
+                          crop_bbox=crop_bbox, max_side=max_side, jpeg_quality=jpeg_quality, splits=chosen,
+                          progress=progress)
+    try:
+        report = run(options)
+    except lock.Busy as error:
+        click.echo(f"vsam prep-pose: {error}", err=True)
+        sys.exit(EXIT_BUSY)
+    except (LabelError, PrepError) as error:
+        click.echo(f"vsam prep-pose: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    for rejected in report.rejected:
+        click.echo(f"rejected: {rejected['path']}: {rejected['reason']}", err=True)
+    click.echo(report.summary())
+    click.echo(f"report: {report.path}")
+    if report.exit_code != EXIT_OK:
+        click.echo("vsam prep-pose: failed: " + ("--strict and some files were rejected" if strict and report.rejected
+                                                  else "nothing could be processed"), err=True)
+    sys.exit(report.exit_code)
+
+
+@main.group()
+def shards() -> None:
+    """Inspect and check a shard folder written by `vsam prep-pose`."""
+
+
+@shards.command("info")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def shards_info(folder) -> None:
+    """One JSON object: items per split, with and without pose, schema, detector, vocabularies, rejected files."""
+    import json
+
+    from pose_prep.shard_format import ShardFormatError, collection_info
+
+    try:
+        click.echo(json.dumps(collection_info(folder), indent=1, ensure_ascii=False))
+    except ShardFormatError as error:
+        click.echo(f"vsam shards info: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@shards.command("list")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def shards_list(folder) -> None:
+    """One JSON line per live item: path, sha256, split, has_pose, shard, row."""
+    import json
+
+    from pose_prep.shard_format import ShardFormatError, live_items
+
+    try:
+        for item in live_items(folder):
+            click.echo(json.dumps(item, ensure_ascii=False))
+    except ShardFormatError as error:
+        click.echo(f"vsam shards list: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@shards.command("verify")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+def shards_verify(folder) -> None:
+    """Check every shard's checksums and the index against the files; name what is broken (exit 1)."""
+    from pose_prep.lock import is_locked
+    from pose_prep.shard_format import verify_collection
+
+    running = is_locked(folder)
+    problems = verify_collection(folder, check_leftovers=not running)
+    for problem in problems:
+        click.echo(f"broken: {problem}")
+    if problems:
+        click.echo(f"vsam shards verify: {len(problems)} problem(s) in {folder}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"ok: {folder}" + (" (a prep-pose run is active: its temporary files were not checked)"
+                                  if running else ""))
+
 
 # --- train (vsam_train) -----------------------------------------------------------------------
 

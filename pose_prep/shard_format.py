@@ -247,6 +247,19 @@ class Shard:
         start, end = int(offsets[row]), int(offsets[row + 1])
         return self.file["image_bytes"][start:end].tobytes()
 
+    def item(self, row: int) -> ShardItem:
+        """One row back as a ShardItem (prep-pose copies rows when only labels change)."""
+        f = self.file
+        if not 0 <= row < len(self):
+            raise IndexError(f"{self.path}: row {row} is outside 0..{len(self) - 1}")
+        path = f["path"][row]
+        return ShardItem(
+            image=self.image(row), heatmap=f["heatmap"][row], keypoints=f["keypoints"][row],
+            has_pose=bool(f["has_pose"][row]), category=int(f["category"][row]),
+            attributes=f["attributes"][row], split=SPLITS[int(f["split"][row])],
+            path=path.decode("utf-8") if isinstance(path, bytes) else path,
+            sha256=f["sha256"][row].decode("ascii"), width=int(f["width"][row]), height=int(f["height"][row]))
+
 
 def _attr(value):
     if isinstance(value, bytes):
@@ -438,3 +451,151 @@ def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[P
     for path in removed:
         path.unlink(missing_ok=True)
     return removed
+
+
+# --- collection queries: `vsam shards info | list | verify`, and what prep-pose adds --------
+# (Added for prep-pose: `Shard.item` above, `retire_files`, `write_collection_metadata`,
+# `collection_vocabulary`, `live_items`, `collection_info`, `verify_collection`.)
+
+def retire_files(connection: sqlite3.Connection, paths: list[str]) -> None:
+    """Forget files (deleted from the catalog), in one transaction; their rows stop being live."""
+    with connection:
+        connection.executemany("DELETE FROM files WHERE path=?", [(p,) for p in paths])
+
+
+def write_collection_metadata(connection: sqlite3.Connection, metadata: ShardMetadata,
+                              extra: dict[str, str] | None = None) -> None:
+    """Record the collection's vocabulary, heatmap parameters, detector and image encoding in the
+    index meta table (the same JSON text as the shards' file attributes), in one transaction."""
+    values = {"vocabulary": metadata.vocabulary.to_json(),
+              "heatmap": json.dumps(metadata.heatmap, sort_keys=True),
+              "detector": metadata.detector, "detector_version": metadata.detector_version,
+              "image_encoding": json.dumps(metadata.image_encoding, sort_keys=True), **(extra or {})}
+    with connection:
+        for key, value in values.items():
+            set_meta(connection, key, value)
+
+
+def collection_vocabulary(folder: str | Path) -> Vocabulary:
+    """The label vocabulary of a collection (empty when it was built without labels)."""
+    text = collection_metadata(folder).get("vocabulary")
+    return Vocabulary.from_json(text) if text else Vocabulary()
+
+
+_LIVE_QUERY = ("SELECT path, sha256, split, status, shard_id, row FROM files "
+               "WHERE shard_id IS NOT NULL ORDER BY shard_id, row")
+
+
+def live_items(folder: str | Path) -> Iterator[dict]:
+    """One dict per live item, in shard order: path, sha256, split, has_pose, shard (file name), row."""
+    with open_index(folder, readonly=True) as connection:
+        for path, sha256, split, status, shard_id, row in connection.execute(_LIVE_QUERY):
+            yield {"path": path, "sha256": sha256, "split": split, "has_pose": status == "ok",
+                   "shard": shard_name(shard_id), "row": row}
+
+
+def collection_info(folder: str | Path) -> dict:
+    """Totals of a collection from its index: items per split, with and without pose, the
+    vocabularies, detector, heatmap and image parameters, and the rejected files with reasons."""
+    folder = Path(folder)
+    with open_index(folder, readonly=True) as connection:
+        meta = dict(connection.execute("SELECT key, value FROM meta"))
+        splits = dict(connection.execute(
+            "SELECT split, COUNT(*) FROM files WHERE shard_id IS NOT NULL GROUP BY split"))
+        statuses = dict(connection.execute(
+            "SELECT status, COUNT(*) FROM files WHERE shard_id IS NOT NULL GROUP BY status"))
+        rejected = [{"path": p, "reason": r} for p, r in connection.execute(
+            "SELECT path, reason FROM files WHERE status='rejected' ORDER BY path")]
+        shard_ids = [n for (n,) in connection.execute("SELECT id FROM shards ORDER BY id")]
+    vocabulary = Vocabulary.from_json(meta["vocabulary"]) if "vocabulary" in meta else Vocabulary()
+    return {
+        "folder": str(folder),
+        "schema_version": int(meta["schema_version"]),
+        "items": sum(splits.values()),
+        "splits": {s: splits.get(s, 0) for s in SPLITS},
+        "with_pose": statuses.get("ok", 0),
+        "without_pose": statuses.get("no_person", 0),
+        "shards": len(shard_ids),
+        "bytes": sum((folder / shard_name(n)).stat().st_size for n in shard_ids
+                     if (folder / shard_name(n)).exists()),
+        "detector": meta.get("detector"),
+        "detector_version": meta.get("detector_version"),
+        "heatmap": json.loads(meta["heatmap"]) if "heatmap" in meta else None,
+        "image_encoding": json.loads(meta["image_encoding"]) if "image_encoding" in meta else None,
+        "labels": meta.get("labels_source"),
+        "vocabulary": {"categories": vocabulary.categories, "category_types": vocabulary.category_types,
+                       "attributes": vocabulary.attributes, "attribute_groups": vocabulary.attribute_groups,
+                       "exclusive_groups": vocabulary.exclusive_groups},
+        "rejected": rejected,
+    }
+
+
+def verify_collection(folder: str | Path, check_leftovers: bool = True) -> list[str]:
+    """Every problem of a collection, each naming the file: the index's own integrity, every shard's
+    schema and dataset checksums, and the index against the shards (each live row exists and holds the
+    path, sha256 and split that the index says). With `check_leftovers`, temporary and unlisted
+    shard files (left by an interrupted run, removed by the next one) are problems too."""
+    folder = Path(folder)
+    problems: list[str] = []
+    try:
+        with open_index(folder, readonly=True) as connection:
+            integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+            if integrity != "ok":
+                problems.append(f"{index_path(folder)}: SQLite integrity check failed ({integrity})")
+            meta = dict(connection.execute("SELECT key, value FROM meta"))
+            shards = dict(connection.execute("SELECT id, n_items FROM shards"))
+            files = connection.execute(
+                "SELECT path, sha256, status, shard_id, row, split FROM files").fetchall()
+    except (ShardFormatError, sqlite3.DatabaseError) as error:
+        return [f"{index_path(folder)}: {error}"]
+
+    by_shard: dict[int, list[tuple]] = {}
+    for path, sha256, status, shard_id, row, split in files:
+        if status not in STATUSES:
+            problems.append(f"{index_path(folder)}: {path}: unknown status {status!r}")
+        elif (status == "rejected") != (shard_id is None):
+            problems.append(f"{index_path(folder)}: {path}: status {status} but shard {shard_id}")
+        if shard_id is not None:
+            by_shard.setdefault(shard_id, []).append((path, sha256, status, row, split))
+
+    for shard_id in sorted(set(shards) | set(by_shard)):
+        path = folder / shard_name(shard_id)
+        if shard_id not in shards:
+            problems.append(f"{path}: live rows point at shard {shard_id}, which the index does not list")
+            continue
+        if not path.exists():
+            problems.append(f"{path}: listed in the index but missing")
+            continue
+        shard_problems = verify_shard(path)
+        problems += shard_problems
+        if not shard_problems:
+            problems += _check_rows(path, shards[shard_id], by_shard.get(shard_id, []), meta.get("vocabulary"))
+
+    if check_leftovers:
+        problems += [f"{p}: temporary file of an interrupted run (the next prep-pose run removes it)"
+                     for p in sorted(folder.glob(f".{SHARD_GLOB}.tmp"))]
+        problems += [f"{p}: shard file not listed in the index (orphan of an interrupted run)"
+                     for p in sorted(folder.glob(SHARD_GLOB)) if shard_number(p) not in shards]
+    return problems
+
+
+def _check_rows(path: Path, n_items: int, rows: list[tuple], vocabulary: str | None) -> list[str]:
+    with Shard(path) as shard:
+        if len(shard) != n_items:
+            return [f"{path}: holds {len(shard)} items, the index says {n_items}"]
+        if vocabulary is not None and \
+                Vocabulary.from_json(shard.file.attrs["vocabulary"]) != Vocabulary.from_json(vocabulary):
+            return [f"{path}: written with another label vocabulary than the collection's "
+                    "(an interrupted relabelling run? rerun prep-pose)"]
+        data = shard.read(("path", "sha256", "split", "has_pose"))
+    problems = []
+    for item_path, sha256, status, row, split in rows:
+        if row is None or not 0 <= row < n_items:
+            problems.append(f"{path}: index row {row} of {item_path} is outside 0..{n_items - 1}")
+            continue
+        stored = (data["path"][row], data["sha256"][row].decode("ascii"), SPLITS[data["split"][row]],
+                  bool(data["has_pose"][row]))
+        if stored != (item_path, sha256, split, status == "ok"):
+            problems.append(f"{path}: row {row} holds {stored[:3]} (pose {stored[3]}), the index says "
+                            f"{(item_path, sha256, split)} ({status})")
+    return problems

@@ -1,0 +1,65 @@
+"""One `vsam prep-pose` run at a time per output folder.
+
+An exclusive `fcntl.flock` on `<out>/.prep.lock`, taken without waiting. The kernel drops the lock
+when the holder's file descriptor closes, which also happens when the process is killed (kill -9,
+OOM, reboot), so a crashed run can never leave a lock that blocks the next one. The file itself is
+never deleted (deleting a lock file races with a run that is opening it); it only names the holder.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+LOCK_NAME = ".prep.lock"
+
+
+class Busy(Exception):
+    """Another run holds the lock; str() names the folder and, when known, the holder."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return "another process"
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}" if info else "another process"
+
+
+@contextmanager
+def exclusive(folder: str | os.PathLike) -> Iterator[Path]:
+    """Hold the folder's prep lock for the duration of the block, or raise Busy at once."""
+    path = Path(folder) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"{folder}: another vsam prep-pose run is active ({_holder(path)}); "
+                       "this run does nothing (exit code 75: try again later)") from None
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def is_locked(folder: str | os.PathLike) -> bool:
+    """Whether a run holds the folder's lock right now (without taking it for long)."""
+    path = Path(folder) / LOCK_NAME
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

@@ -1,0 +1,485 @@
+"""`vsam prep-pose`: catalog images (and labels) → HDF5 shards, incremental and crash-safe.
+
+One run, holding the output folder's lock (`lock.py`):
+
+1. remove what an interrupted run left (temporary and unlisted shard files, shards no row uses);
+2. scan `--images`; compare each file with the index by size and mtime first, by sha256 of its bytes
+   only when those differ; classify it new, changed, unchanged, relabelled or reprocessed, and the
+   index entries whose file is gone as deleted (retired in one transaction);
+3. decode + detect + render + re-encode in workers (joblib: loky processes or a Dask cluster);
+4. the parent alone writes shards: every `shard_size` items it writes one shard atomically and
+   commits it to the index in one transaction (`shard_format.write_shard` then `commit_shard`).
+
+A kill at any instant therefore loses at most the items of the shard being written, and the next run
+redoes exactly those: no image is lost, none is live twice, no partial shard is ever readable.
+
+Each index entry carries a fingerprint `P:R` (in the `labels` column): P of what the stored pixels and
+keypoints depend on (detector, image encoding, crop box), R of what the rest of the item depends on
+(vocabulary, category, attributes, split, heatmap parameters and joint subset). An unchanged file whose
+R changed (new labels) is *relabelled*: its row is copied from the old shard with the new labels and a
+re-rendered heatmap, without decoding or detecting again. One whose P changed (another detector, image
+size, or box) is *reprocessed*. Two paths with the same content are two items (each keeps its own
+labels); the detector runs once for the content.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from . import heatmaps, lock
+from .images import find_images
+from .labels import ItemLabels, Labels, read_labels, unlabelled
+from .prep_worker import Processed, Settings, Task, process, render_heatmap
+from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_shard, file_records, get_meta,
+                           next_shard_number, open_index, record_files, remove_orphans, retire_files, shard_name,
+                           write_collection_metadata, write_shard)
+
+# Exit codes (the same values as cli.py's, which imports this module only inside its command).
+EXIT_OK, EXIT_FAILED = 0, 1
+DEFAULT_DETECTOR = "blazepose"
+DEFAULT_SHARD_SIZE = 1000
+REPORTS = "reports"
+
+
+class PrepError(Exception):
+    """A run that cannot start (bad options for this output folder); str() says why."""
+
+
+@dataclass
+class PrepOptions:
+    images: Path
+    out: Path = Path("shards")
+    labels: Path | None = None
+    labels_format: str | None = None
+    detector: str = DEFAULT_DETECTOR
+    jobs: int = 1
+    backend: str = "loky"
+    scheduler: str | None = None
+    shard_size: int = DEFAULT_SHARD_SIZE
+    strict: bool = False
+    crop_bbox: bool = False
+    max_side: int = 256
+    jpeg_quality: int = 90
+    splits: tuple[str, ...] | None = None    # keep only images of these splits
+    progress: bool | None = None             # None: a bar when stderr is a terminal
+
+    def settings(self) -> Settings:
+        return Settings(detector=self.detector, max_side=self.max_side, jpeg_quality=self.jpeg_quality)
+
+
+COUNTS = ("new", "changed", "deleted", "unchanged", "relabelled", "reprocessed", "no_person", "rejected",
+          "excluded")
+
+
+@dataclass
+class Report:
+    """What one run did; written as JSON into `<out>/reports/` and summarised on stdout."""
+    images: str
+    out: str
+    labels: str | None
+    detector: str
+    start: str = ""
+    end: str | None = None
+    status: str = "running"           # running | completed | failed (a stale "running": the run was killed)
+    seconds: float = 0.0
+    processed: int = 0                # images decoded and run through the detector
+    images_per_s: float = 0.0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTS, 0))
+    rejected: list[dict] = field(default_factory=list)   # this run's: {path, reason}
+    rejected_total: int = 0           # rejected files in the index after the run
+    items_total: int = 0              # live items after the run
+    removed_leftovers: list[str] = field(default_factory=list)
+    found: int = 0                    # image files found under --images (after --splits)
+    stored: int = 0                   # items this run wrote into shards
+    path: str = ""                    # of this report
+    pid: int = field(default_factory=os.getpid)
+    host: str = field(default_factory=socket.gethostname)
+    exit_code: int | None = None
+    error: str | None = None
+
+    def summary(self) -> str:
+        c = self.counts
+        text = (f"prep-pose: {c['new']} new, {c['changed']} changed, {c['deleted']} deleted, "
+                f"{c['unchanged']} unchanged, {c['relabelled']} relabelled, {c['reprocessed']} reprocessed, "
+                f"{c['no_person']} no person, {c['rejected']} rejected in {self.seconds:.1f} s "
+                f"({self.images_per_s:.1f} images/s); {self.items_total} items live")
+        return text + (f", {c['excluded']} outside --splits" if c["excluded"] else "")
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One scanned file and what this run does with it."""
+    relative: str
+    path: Path
+    size: int | None = None
+    mtime_ns: int | None = None
+    sha256: str | None = None
+    labels: ItemLabels = field(default_factory=ItemLabels)
+    fingerprint: str = ""
+    kind: str = "new"                 # new | changed | unchanged | relabelled | reprocessed
+    reason: str | None = None         # rejected before any worker saw it
+    copy_from: FileRecord | None = None   # stored row to copy instead of detecting again
+
+
+def _digest(value) -> str:
+    return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Fingerprints:
+    def __init__(self, labels: Labels, settings: Settings, crop_bbox: bool):
+        self.labels, self.settings, self.crop_bbox = labels, settings, crop_bbox
+        self._vocabulary = _digest(labels.vocabulary.to_json())
+
+    def __call__(self, item: ItemLabels) -> str:
+        s = self.settings
+        pixels = _digest([s.detector, s.max_side, s.jpeg_quality, s.max_pixels,
+                          list(item.bbox) if self.crop_bbox and item.bbox else None])
+        rest = _digest([self._vocabulary, item.category, self.labels.attributes(item).tolist(), item.split,
+                        s.heatmap_size, s.heatmap_sigma, self.labels.joint_group(item)])
+        return f"{pixels}:{rest}"
+
+
+def _pixels_part(fingerprint: str | None) -> str | None:
+    return fingerprint.split(":")[0] if fingerprint else None
+
+
+def scan(images: Path, labels: Labels, splits: tuple[str, ...] | None, report: Report) -> list[Entry]:
+    entries = []
+    for path in find_images(images):
+        relative = path.relative_to(images).as_posix()
+        try:
+            relative.encode("utf-8")
+        except UnicodeEncodeError:
+            relative = os.fsencode(relative).decode("utf-8", "backslashreplace")
+            entries.append(Entry(relative, path, reason="file name is not valid UTF-8"))
+            continue
+        item = labels.for_item(relative)
+        if splits and item.split not in splits:
+            report.counts["excluded"] += 1
+            continue
+        entry = Entry(relative, path, labels=item)
+        try:
+            stat = path.stat()
+            entry.size, entry.mtime_ns = stat.st_size, stat.st_mtime_ns
+        except OSError as error:
+            entry.reason = f"cannot read ({error.strerror or error})"
+        entries.append(entry)
+    return entries
+
+
+def classify(entries: list[Entry], records: dict[str, FileRecord], fingerprint: Fingerprints) -> list[Entry]:
+    """Decide per entry what to do; returns the entries that need work (everything not unchanged)."""
+    stored_by_content: dict[tuple[str, str], FileRecord] = {}
+    for record in records.values():
+        if record.status != "rejected" and record.sha256:
+            stored_by_content.setdefault((record.sha256, _pixels_part(record.labels)), record)
+    todo = []
+    for entry in entries:
+        record = records.get(entry.relative)
+        entry.fingerprint = fingerprint(entry.labels)
+        if entry.reason is not None:
+            entry.kind = "changed" if record else "new"
+            todo.append(entry)
+            continue
+        same_stat = record is not None and (record.size, record.mtime_ns) == (entry.size, entry.mtime_ns)
+        if same_stat:
+            entry.sha256 = record.sha256
+        else:
+            try:
+                entry.sha256 = hashlib.sha256(entry.path.read_bytes()).hexdigest()
+            except OSError:
+                entry.sha256 = None   # the worker reads it again and records why it cannot
+        if record is not None and record.sha256 == entry.sha256 and (same_stat or record.status != "rejected"):
+            if record.status == "rejected" or record.labels == entry.fingerprint:
+                entry.kind = "unchanged"
+                if not same_stat:     # touched, same bytes: remember the new size and mtime
+                    entry.copy_from = record
+                    todo.append(entry)
+                continue
+            entry.kind = "relabelled" if _pixels_part(record.labels) == _pixels_part(entry.fingerprint) \
+                else "reprocessed"
+        else:
+            entry.kind = "changed" if record is not None else "new"
+        if entry.sha256 is not None:
+            entry.copy_from = stored_by_content.get((entry.sha256, _pixels_part(entry.fingerprint)))
+        todo.append(entry)
+    return todo
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Collects items; every `shard_size` of them becomes one shard, written then committed."""
+
+    def __init__(self, folder: Path, connection, metadata: ShardMetadata, shard_size: int):
+        self.folder, self.connection, self.metadata, self.shard_size = folder, connection, metadata, shard_size
+        self.items: list[ShardItem] = []
+        self.records: list[FileRecord] = []
+        self.rejected: list[FileRecord] = []
+        self.written = 0
+
+    def add(self, item: ShardItem, record: FileRecord) -> None:
+        self.written += 1
+        self.items.append(item)
+        self.records.append(record)
+        if len(self.items) >= self.shard_size:
+            self.flush()
+
+    def reject(self, record: FileRecord) -> None:
+        self.rejected.append(record)
+
+    def flush(self) -> None:
+        if self.items:
+            number = next_shard_number(self.folder, self.connection)
+            write_shard(self.folder / shard_name(number), self.items, self.metadata)
+            commit_shard(self.connection, number, self.records)
+            self.items, self.records = [], []
+        if self.rejected:
+            record_files(self.connection, self.rejected)
+            self.rejected = []
+
+
+def _item_and_record(entry: Entry, result: Processed, labels: Labels,
+                     settings: Settings) -> tuple[ShardItem, FileRecord]:
+    joint_group = labels.joint_group(entry.labels)
+    heatmap = result.heatmap
+    if heatmap is None or joint_group != result.joint_group:
+        heatmap = render_heatmap(result.keypoints, result.width, result.height, joint_group, settings)
+    has_pose = bool(heatmap.any())
+    item = ShardItem(image=result.image, heatmap=heatmap, keypoints=result.keypoints, has_pose=has_pose,
+                     category=entry.labels.category, attributes=labels.attributes(entry.labels),
+                     split=entry.labels.split, path=entry.relative, sha256=result.sha256,
+                     width=result.width, height=result.height)
+    record = FileRecord(entry.relative, entry.size, entry.mtime_ns, result.sha256,
+                        "ok" if has_pose else "no_person", split=entry.labels.split, labels=entry.fingerprint)
+    return item, record
+
+
+# --- running ------------------------------------------------------------------------------
+
+def run(options: PrepOptions) -> Report:
+    """One complete prep-pose run. Raises lock.Busy at once when another run holds the folder, and
+    LabelError or PrepError before touching anything when the labels or options are unusable."""
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with lock.exclusive(out):
+        labels = read_labels(options.labels, options.labels_format) if options.labels else unlabelled()
+        report = Report(images=str(options.images), out=str(out), detector=options.detector,
+                        labels=labels.source or None, start=_now())
+        report.path = str(out / REPORTS / f"prep-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.json")
+        started = time.monotonic()
+        try:
+            _run_locked(options, out, labels, report)
+        except BaseException as error:
+            report.status, report.error = "failed", f"{type(error).__name__}: {error}"
+            _finish(report, started, EXIT_FAILED)
+            raise
+        _finish(report, started, exit_code(report, options.strict))
+        return report
+
+
+def _finish(report: Report, started: float, code: int) -> None:
+    report.seconds = round(time.monotonic() - started, 3)
+    report.images_per_s = round(report.processed / report.seconds, 2) if report.seconds else 0.0
+    report.end, report.exit_code = _now(), code
+    if report.status == "running":
+        report.status = "completed"
+    write_report(Path(report.path), report)
+
+
+def _run_locked(options: PrepOptions, out: Path, labels: Labels, report: Report) -> None:
+    settings = options.settings()
+    with open_index(out) as connection:
+        _check_labels_continuity(connection, labels, out)
+        report.removed_leftovers = [p.name for p in remove_orphans(out, connection)]
+        write_report(Path(report.path), report)
+        records = file_records(connection)
+        entries = scan(Path(options.images), labels, options.splits, report)
+        report.found = len(entries)
+        todo = classify(entries, records, Fingerprints(labels, settings, options.crop_bbox))
+        deleted = sorted(set(records) - {e.relative for e in entries})
+        retire_files(connection, deleted)
+        report.counts["deleted"] = len(deleted)
+        report.counts["unchanged"] = sum(e.kind == "unchanged" for e in entries)
+
+        metadata = ShardMetadata(
+            vocabulary=labels.vocabulary, heatmap=heatmap_parameters(settings), detector=settings.detector,
+            detector_version=_known_detector_version(connection, settings.detector),
+            image_encoding={"format": "jpeg", "max_side": settings.max_side, "quality": settings.jpeg_quality,
+                            "color": "RGB", "exif_applied": True, "cropped_to_bbox": options.crop_bbox})
+        extra = {"labels_source": labels.source, "labels_format": labels.format}
+        write_collection_metadata(connection, metadata, extra)
+        writer = ShardWriter(out, connection, metadata, options.shard_size)
+        _apply(todo, labels, settings, options, writer, report, out)
+        writer.flush()
+        report.stored = writer.written
+        write_collection_metadata(connection, metadata, extra)   # the detector version is known now
+        remove_orphans(out, connection)
+        report.items_total = connection.execute(
+            "SELECT COUNT(*) FROM files WHERE shard_id IS NOT NULL").fetchone()[0]
+        report.rejected_total = connection.execute(
+            "SELECT COUNT(*) FROM files WHERE status='rejected'").fetchone()[0]
+
+
+def _check_labels_continuity(connection, labels: Labels, out: Path) -> None:
+    source = get_meta(connection, "labels_source")
+    if source and not labels.source:
+        raise PrepError(f"{out} was built with the labels of {source}: pass --labels again (a run without "
+                        "labels would strip every item of its labels), or write to another --out")
+
+
+def _known_detector_version(connection, detector: str) -> str:
+    return (get_meta(connection, "detector_version") or "") if get_meta(connection, "detector") == detector else ""
+
+
+def heatmap_parameters(settings: Settings) -> dict:
+    return {"size": [settings.heatmap_size, settings.heatmap_size], "sigma": settings.heatmap_sigma,
+            "limbs": True, "dtype": "uint8", "scale": 255,
+            "joint_groups": {name: list(joints) for name, joints in heatmaps.JOINT_GROUPS.items()},
+            "category_type_group": {str(k): v for k, v in heatmaps.CATEGORY_TYPE_GROUP.items()},
+            "default_group": heatmaps.DEFAULT_GROUP}
+
+
+def _apply(todo: list[Entry], labels: Labels, settings: Settings, options: PrepOptions, writer: ShardWriter,
+           report: Report, out: Path) -> None:
+    copies = [e for e in todo if e.reason is None and e.copy_from is not None]
+    rejected_now = [e for e in todo if e.reason is not None]
+    detect = [e for e in todo if e.reason is None and e.copy_from is None]
+    for entry in rejected_now:
+        _reject(entry, entry.reason, writer, report)
+    _copy_rows(copies, labels, settings, writer, report, out)
+
+    # One detection per distinct content (and box, when cropping); every path of it becomes an item.
+    groups: dict[tuple, list[Entry]] = {}
+    for entry in detect:
+        box = entry.labels.bbox if options.crop_bbox else None
+        key = (entry.sha256, box) if entry.sha256 else (entry.relative,)
+        groups.setdefault(key, []).append(entry)
+    tasks = [Task(str(g[0].path), g[0].relative, bbox=g[0].labels.bbox if options.crop_bbox else None,
+                  joint_group=labels.joint_group(g[0].labels)) for g in groups.values()]
+    by_first = {g[0].relative: g for g in groups.values()}
+    for result in _progress(_map(tasks, settings, options), len(tasks), options.progress):
+        group = by_first[result.relative]
+        report.processed += 1
+        if result.rejected:
+            for entry in group:
+                _reject(entry, result.reason, writer, report, result.sha256)
+            continue
+        if result.detector_version and not writer.metadata.detector_version:
+            writer.metadata.detector_version = result.detector_version
+        for entry in group:
+            item, record = _item_and_record(entry, result, labels, settings)
+            _count(entry, record, report)
+            writer.add(item, record)
+
+
+def _reject(entry: Entry, reason: str, writer: ShardWriter, report: Report, sha256: str | None = None) -> None:
+    writer.reject(FileRecord(entry.relative, entry.size, entry.mtime_ns, sha256 or entry.sha256, "rejected",
+                             reason=reason, split=entry.labels.split, labels=entry.fingerprint))
+    report.counts["rejected"] += 1
+    report.rejected.append({"path": entry.relative, "reason": reason})
+
+
+def _count(entry: Entry, record: FileRecord, report: Report) -> None:
+    report.counts[entry.kind] += 1
+    if record.status == "no_person":
+        report.counts["no_person"] += 1
+
+
+def _copy_rows(entries: list[Entry], labels: Labels, settings: Settings, writer: ShardWriter, report: Report,
+               out: Path) -> None:
+    """Items whose pixels and keypoints are already stored: touched files keep their row (only the
+    index learns the new size and mtime); the others are copied with new labels and heatmap."""
+    shards: dict[int, Shard] = {}
+    touched = []
+    try:
+        for entry in entries:
+            source = entry.copy_from
+            if entry.kind == "unchanged":
+                touched.append(FileRecord(entry.relative, entry.size, entry.mtime_ns, source.sha256, source.status,
+                                          source.reason, source.shard_id, source.row, source.split, source.labels))
+                continue
+            shard = shards.setdefault(source.shard_id, Shard(out / shard_name(source.shard_id)))
+            stored = shard.item(source.row)
+            result = Processed(entry.relative, sha256=stored.sha256, image=stored.image, keypoints=stored.keypoints,
+                               width=stored.width, height=stored.height)
+            item, record = _item_and_record(entry, result, labels, settings)
+            _count(entry, record, report)
+            writer.add(item, record)
+    finally:
+        for shard in shards.values():
+            shard.close()
+    if touched:
+        record_files(writer.connection, touched)
+
+
+def _map(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterator[Processed]:
+    """Results in completion order. One local job runs in this process (no pool to start)."""
+    if not tasks:
+        return
+    if options.backend == "dask":
+        yield from _map_dask(tasks, settings, options)
+    elif options.backend != "loky":
+        raise PrepError(f"unknown backend {options.backend!r} (loky or dask)")
+    elif options.jobs == 1:
+        yield from (process(task, settings) for task in tasks)
+    else:
+        from joblib import Parallel, delayed
+
+        parallel = Parallel(n_jobs=options.jobs, backend="loky", return_as="generator_unordered",
+                            batch_size=4, pre_dispatch="8*n_jobs")
+        yield from parallel(delayed(process)(task, settings) for task in tasks)
+
+
+def _map_dask(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterator[Processed]:
+    if not options.scheduler:
+        raise PrepError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
+    from distributed import Client
+    from joblib import Parallel, delayed, parallel_config
+
+    with Client(options.scheduler, timeout=30), parallel_config(backend="dask"):
+        parallel = Parallel(n_jobs=options.jobs if options.jobs > 1 else -1, return_as="generator_unordered",
+                            batch_size=4)
+        yield from parallel(delayed(process)(task, settings) for task in tasks)
+
+
+def _progress(results: Iterable[Processed], total: int, enabled: bool | None) -> Iterable[Processed]:
+    from tqdm import tqdm
+
+    return tqdm(results, total=total, unit="img", desc="prep-pose", disable=None if enabled is None else not enabled)
+
+
+# --- reports ----------------------------------------------------------------------------------
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def write_report(path: Path, report: Report) -> None:
+    """Atomically (temporary file, rename), so a reader never sees half a report; also as latest.json."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({k: v for k, v in asdict(report).items()}, indent=1, ensure_ascii=False)
+    for target in (path, path.parent / "latest.json"):
+        temporary = target.with_name(f".{target.name}.tmp")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, target)
+
+
+def exit_code(report: Report, strict: bool) -> int:
+    """0 also when some files were rejected; 1 with --strict then, when no image was found, or when
+    this run had files to process and could store none of them."""
+    if strict and report.counts["rejected"]:
+        return EXIT_FAILED
+    if report.found == 0 and report.counts["excluded"] == 0:
+        return EXIT_FAILED
+    if report.counts["rejected"] and report.stored == 0:
+        return EXIT_FAILED
+    return EXIT_OK
