@@ -21,6 +21,71 @@ def main() -> None:
 
 # --- pose (pose_prep) --------------------------------------------------------------------------
 
+_DETECTOR_HELP = "auto, blazepose, yolo, mmpose or openpose-json:DIR (default: {default})."
+
+
+def _detector_default() -> str:
+    from pose_prep.detectors import DEFAULT
+    return DEFAULT
+
+
+@main.command("pose")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of photos, searched recursively (jpg, jpeg, png, webp, bmp).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output folder: <relative path>_keypoints.json per image (OpenPose format).")
+@click.option("--detector", default=None, help=_DETECTOR_HELP.format(default="auto"))
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
+@click.option("--overlays", is_flag=True, help="Also write <relative path>_overlay.png: skeleton and heatmap.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def pose(images, out, detector, jobs, overlays, progress) -> None:
+    """Detect body keypoints (COCO-18) in every photo under --images.
+
+    Writes one OpenPose JSON file per photo (an empty people list when nobody is found). A bad file
+    gets one line (file and reason) on stderr and in OUT/pose_failures.jsonl, and the run goes on.
+    The last line counts images, with a person, without, failed. Exit code 0; 1 when no image
+    could be processed."""
+    from pose_prep.detectors import DetectorUnavailable
+    from pose_prep.pose import FAILURES_FILE, run
+
+    detector = detector or _detector_default()
+    try:
+        summary = run(images, out, detector_name=detector, jobs=jobs, overlays=overlays,
+                      progress=sys.stderr.isatty() if progress is None else progress)
+    except (ValueError, FileNotFoundError, DetectorUnavailable) as error:
+        raise click.UsageError(str(error)) from None
+    where = f" (failures listed in {out}/{FAILURES_FILE})" if summary.failed else ""
+    click.echo(f"vsam pose: {summary.line()}{where}")
+    if summary.nothing_processed:
+        click.echo(f"vsam pose: nothing could be processed under {images}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@main.command("pose-eval")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder holding the annotated images (searched by file name, recursively).")
+@click.option("--annotations", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="COCO person-keypoints JSON; repeat to pool several files (e.g. val and test).")
+@click.option("--detector", default=None, help=_DETECTOR_HELP.format(default="auto"))
+@click.option("--threshold", default=0.1, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="PCK threshold as a fraction of the longer side of the person's box.")
+def pose_eval(images, annotations, detector, threshold) -> None:
+    """Score a detector against COCO keypoint annotations: prints one JSON object with PCK of the
+    12 body joints (per joint and overall), the detection rate and mean ms per image."""
+    import json
+
+    from pose_prep.detectors import DetectorUnavailable
+    from pose_prep.pose_eval import EvalError, evaluate
+
+    try:
+        result = evaluate(images, annotations, detector or _detector_default(), threshold=threshold)
+    except (ValueError, FileNotFoundError, DetectorUnavailable) as error:
+        raise click.UsageError(str(error)) from None
+    except EvalError as error:
+        click.echo(f"vsam pose-eval: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(json.dumps(result, indent=2))
+
 
 # --- prep-pose and shards (pose_prep) ---------------------------------------------------------
 

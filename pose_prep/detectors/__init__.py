@@ -5,6 +5,7 @@ mmpose) happen inside each detector's constructor, never at import time of this 
 """
 from __future__ import annotations
 
+import os
 from typing import Protocol
 
 import numpy as np
@@ -29,8 +30,63 @@ def main_person(detector: Detector, rgb: np.ndarray, relative_path: str | None =
     return None if index is None else persons[index]
 
 
+class DetectorUnavailable(RuntimeError):
+    """A known detector whose optional dependencies are not installed."""
+
+
+# name → (pip extra that provides it, module it needs).
+EXTRAS = {
+    "blazepose": ("blazepose", "mediapipe"),
+    "yolo": ("yolo", "ultralytics"),
+    "mmpose": ("mmpose", "mmpose"),
+}
+NAMES = ("auto", "blazepose", "yolo", "mmpose", "openpose-json:DIR")
+DEFAULT = "auto"
+
+
+def _require(name: str) -> None:
+    import importlib.util
+
+    extra, module = EXTRAS[name]
+    if importlib.util.find_spec(module) is None:
+        licence = " (AGPL-3.0)" if extra == "yolo" else ""
+        raise DetectorUnavailable(f"detector {name!r} needs the {extra!r} extra{licence}: "
+                                  f"pip install 'vsam[{extra}]' (module {module!r} is not installed)")
+
+
+def check_detector(name: str) -> None:
+    """Raise what `make_detector(name)` would raise for an unknown name, a missing extra or a
+    missing folder, without loading any model (a batch job checks before it starts workers)."""
+    if name.startswith("openpose-json:"):
+        folder = name.split(":", 1)[1]
+        if not folder:
+            raise ValueError("openpose-json needs a folder: --detector openpose-json:DIR")
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"openpose-json: {folder} is not a directory")
+    elif name == "auto":
+        _require("blazepose")
+    elif name in EXTRAS:
+        _require(name)
+    else:
+        raise ValueError(f"unknown detector {name!r}; choose one of: {', '.join(NAMES)}")
+
+
 def make_detector(name: str) -> Detector:
+    """A detector from its --detector name: auto, blazepose, yolo, mmpose or openpose-json:DIR."""
+    check_detector(name)
+    if name.startswith("openpose-json:"):
+        from .openpose_json import OpenPoseJson
+        return OpenPoseJson(name.split(":", 1)[1])
+    if name == "auto":
+        from .auto import Auto
+        return Auto()
     if name == "blazepose":
         from .blazepose import BlazePose
         return BlazePose()
-    raise ValueError(f"unknown detector {name!r}")
+    if name == "yolo":
+        from .yolo import Yolo
+        return Yolo()
+    if name == "mmpose":
+        from .mmpose import MMPose
+        return MMPose()
+    raise AssertionError(name)  # check_detector lets only the names above through
