@@ -207,6 +207,65 @@ def shards_verify(folder) -> None:
 
 # --- train (vsam_train) -----------------------------------------------------------------------
 
+@main.command("train")
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard folder written by `vsam prep-pose`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run folder: config.yaml, checkpoints/, metrics.jsonl, steps.jsonl, tensorboard/.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML recipe (default: the paper's, as configs/paper.yaml).")
+@click.option("--model", type=click.Choice(["vsam", "vgg16", "resnet50"]), help="model.name")
+@click.option("--epochs", type=click.IntRange(1), help="train.epochs")
+@click.option("--batch-size", type=click.IntRange(1), help="train.batch_size (per process)")
+@click.option("--width", type=float, help="model.width (channel multiplier)")
+@click.option("--image-size", type=click.IntRange(32), help="model.image_size (a multiple of 32)")
+@click.option("--pretrained", help="model.pretrained: 'imagenet' (torchvision, online) or a state_dict file.")
+@click.option("--workers", type=click.IntRange(0), help="data.num_workers")
+@click.option("--decode", type=click.Choice(["cpu", "gpu"]), help="data.decode: JPEGs on CPU workers or nvjpeg.")
+@click.option("--compile/--no-compile", default=None, help="train.compile (torch.compile)")
+@click.option("--deterministic/--no-deterministic", default=None,
+              help="train.deterministic: same results on every run, at some speed.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Any other config value, e.g. --set loss.heatmap_loss.kind=softmax_l2 (repeatable).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when present.")
+def train(shards, out, config_file, model, epochs, batch_size, width, image_size, pretrained, workers, decode,
+          compile, deterministic, assignments, resume, device) -> None:
+    """Train VSAM (or a baseline) on a shard folder; under torchrun, with DDP.
+
+    Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config."""
+    from pose_prep.shard_format import ShardFormatError
+    from vsam_train.checkpoint import CheckpointError
+    from vsam_train.config import ConfigError
+    from vsam_train.models import PretrainedWeightsError
+    from vsam_train.train import RunFolderError, main as train_main, resolve_run_config
+
+    overrides = {key: value for key, value in (
+        ("model.name", model), ("train.epochs", epochs), ("train.batch_size", batch_size), ("model.width", width),
+        ("model.image_size", image_size), ("model.pretrained", pretrained), ("data.num_workers", workers),
+        ("data.decode", decode), ("train.compile", compile), ("train.deterministic", deterministic))
+        if value is not None}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{assignment!r} is not KEY=VALUE", param_hint="--set")
+        overrides[key.strip()] = value
+    try:
+        config = resolve_run_config(out, config_file, overrides, resume)
+        summary = train_main(config, shards, out, resume=resume, device=device)
+    except ConfigError as error:
+        click.echo(f"vsam train: {error}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (RunFolderError, ShardFormatError, PretrainedWeightsError, CheckpointError, ValueError,
+            FloatingPointError) as error:
+        click.echo(f"vsam train: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    for record in summary["epochs"]:
+        val = f", val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+        click.echo(f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f}{val}")
+    if summary["epochs"]:
+        click.echo(f"checkpoint: {summary['checkpoint']}")
+
 
 # --- eval, predict, explain, export, experiment (vsam_train) ----------------------------------
 

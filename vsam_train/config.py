@@ -1,0 +1,153 @@
+"""Training configuration: one nested dict of every hyperparameter, read from YAML.
+
+`DEFAULTS` is the paper's recipe (configs/paper.yaml spells it out); a YAML file overrides any
+subset of it; command-line options override the file (`overrides`, dotted keys). Unknown keys are
+errors (a typo must not silently train with a default). The resolved config is saved in the run
+folder as config.yaml and inside every checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+DEFAULTS: dict = {
+    "model": {
+        "name": "vsam",            # vsam | vgg16 | resnet50
+        "width": 1.0,              # channel multiplier (1.0 = the paper's VGG16)
+        "image_size": 224,
+        "batch_norm": False,       # torchvision's vgg16_bn layout
+        "pretrained": None,        # null | imagenet | path of a state_dict
+        "dropout": 0.5,
+        "attention": "single",     # the paper's one Ŝ
+        "attention_scale": 20.0,   # × the pooled attended features added to block4_pool
+    },
+    "loss": {
+        "category_weight": 1.0,
+        "attribute_weight": 1.0,
+        "focal_gamma": 2.0,
+        "focal_alpha": 0.6,
+        "heatmap_loss": {"kind": "l2", "weight": 10.0},   # l2 (paper) | softmax_l2 (released code)
+    },
+    "optim": {
+        "lr": 1.0e-4,              # Adam
+        "decay": 1.0e-5,           # Keras inverse-time decay per step: lr / (1 + decay · step)
+        "weight_decay": 0.0,
+    },
+    "train": {
+        "epochs": 40,
+        "batch_size": 64,          # per process
+        "max_steps_per_epoch": None,
+        "seed": 0,
+        "deterministic": False,
+        "compile": False,
+        "amp": True,               # bf16 autocast on CUDA (ignored on CPU)
+        "channels_last": True,     # on CUDA
+        "log_every": 20,           # steps between steps.jsonl lines and TensorBoard step scalars
+        "log_items": False,        # each rank writes the paths it trained on to items/rank-R.jsonl
+        "keep_epoch_checkpoints": True,
+        "cpu_threads": None,       # torch intra-op threads (null: torch's default)
+    },
+    "data": {
+        "train_split": "train",
+        "val_split": "val",        # null: no validation
+        "num_workers": 4,
+        "shuffle_buffer": 512,
+        "decode": "cpu",           # cpu | gpu (nvjpeg, needs CUDA)
+        "eval_batch_size": None,   # default: train.batch_size
+        "max_val_batches": None,
+        "augment": {"p": 0.33, "flip": 0.5, "crop_scale": [0.6, 1.0], "crop_ratio": [0.75, 1.3333],
+                    "jitter": 0.2},
+    },
+}
+
+CHOICES = {
+    ("model", "name"): ("vsam", "vgg16", "resnet50"),
+    ("model", "attention"): ("single",),
+    ("loss", "heatmap_loss", "kind"): ("l2", "softmax_l2"),
+    ("data", "decode"): ("cpu", "gpu"),
+}
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file or key."""
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> dict:
+    """DEFAULTS, updated by the YAML file at `path`, then by `overrides` ({"train.epochs": 3, ...})."""
+    config = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read config ({error.strerror or error})") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config is a mapping of sections, got {type(loaded).__name__}")
+        _merge(config, loaded, str(path), ())
+    for key, value in (overrides or {}).items():
+        set_key(config, key, value)
+    validate(config)
+    return config
+
+
+def _merge(into: dict, update: dict, source: str, prefix: tuple) -> None:
+    for key, value in update.items():
+        where = ".".join(prefix + (str(key),))
+        if key not in into:
+            raise ConfigError(f"{source}: unknown config key {where!r}")
+        if isinstance(into[key], dict):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {where} must be a mapping")
+            _merge(into[key], value, source, prefix + (key,))
+        else:
+            into[key] = value
+
+
+def set_key(config: dict, dotted: str, value) -> None:
+    """Set `section.key[.subkey]` to `value`; a string value is parsed as YAML ("3" → 3)."""
+    if isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            pass
+    *parents, last = dotted.split(".")
+    node = config
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"unknown config key {dotted!r}")
+        node = node[part]
+    if last not in node:
+        raise ConfigError(f"unknown config key {dotted!r}")
+    node[last] = value
+
+
+def get_key(config: dict, dotted: str):
+    node = config
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config: dict) -> None:
+    for keys, allowed in CHOICES.items():
+        value = get_key(config, ".".join(keys))
+        if value not in allowed:
+            raise ConfigError(f"{'.'.join(keys)} is {value!r}; choose one of {', '.join(allowed)}")
+    model, train = config["model"], config["train"]
+    if model["image_size"] % 32:
+        raise ConfigError(f"model.image_size must be a multiple of 32, got {model['image_size']}")
+    if not 0 < model["width"] <= 4:
+        raise ConfigError(f"model.width must lie in (0, 4], got {model['width']}")
+    for key in ("epochs", "batch_size"):
+        if not isinstance(train[key], int) or train[key] < 1:
+            raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
+    if not 0 <= config["data"]["augment"]["p"] <= 1:
+        raise ConfigError("data.augment.p must lie in [0, 1]")
+
+
+def save_config(config: dict, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))

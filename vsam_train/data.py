@@ -1,0 +1,303 @@
+"""Streaming image + heatmap batches out of a shard collection (the output of `vsam prep-pose`).
+
+`ShardStream` is an IterableDataset that yields whole batches (use it with `DataLoader(batch_size=None)`):
+
+* the live rows of one split come from the collection's index (SQLite) in the parent process; the
+  HDF5 shards are opened lazily inside each worker, once per worker, never in the parent;
+* each epoch, the shard order and the rows within each shard are shuffled (seed, epoch), the
+  resulting list is cut into one contiguous part per DDP rank with the same number of whole
+  batches on every rank (the remainder is left out, a different one each epoch), each part into
+  one contiguous run of batches per worker, and each worker mixes its items in a shuffle buffer;
+* JPEGs are decoded on the CPU workers, or handed over as bytes (`decode="gpu"`) for
+  `decode_on_device`, which decodes a batch with nvjpeg;
+* with probability `augment["p"]` (the paper's 0.33) an item is augmented: a horizontal flip and a
+  random resized crop applied identically to image and heatmap, colour jitter on the image only.
+
+Everything random is drawn from generators seeded by (seed, epoch, rank, worker), so an epoch's
+batches do not depend on the process that produces them: a resumed run sees the same data.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
+from torch.utils.data import IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.ops import roi_align
+
+from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, live_rows
+
+MEAN = (0.485, 0.456, 0.406)   # ImageNet statistics, as torchvision's pretrained weights expect
+STD = (0.229, 0.224, 0.225)
+# Per-item augmentation parameters travel as one row: applied, flip, crop box x0 y0 x1 y1 (fractions
+# of the image), brightness, contrast and saturation factors. (No hue shift: it costs more than all
+# the rest together, and colours are attributes to learn.)
+_NO_AUGMENT = (0, 0, 0, 0, 1, 1, 1, 1, 1)
+
+
+# --- pixels: shared by training, evaluation and inference --------------------------------------
+
+def preprocess(rgb: np.ndarray, image_size: int) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB → (3, S, S) float32: stretched to S×S (antialiased bilinear), then
+    normalised with ImageNet's MEAN and STD. Training and inference both go through this."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+    return preprocess_tensor(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), image_size)
+
+
+def preprocess_tensor(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    """`preprocess` for a (3, H, W) uint8 tensor on any device."""
+    resized = TF.resize(image, [image_size, image_size], antialias=True)
+    return normalize(resized.float().div_(255))
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """(…, 3, H, W) float in [0, 1] → ImageNet-normalised."""
+    mean = torch.tensor(MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(STD, device=image.device).view(3, 1, 1)
+    return (image - mean) / std
+
+
+def augmented_image(image: torch.Tensor, params: torch.Tensor, image_size: int) -> torch.Tensor:
+    """A (3, H, W) uint8 image → (3, S, S) normalised, with the augmentation row `params` applied
+    (on whatever device the image is). A row that says "not augmented" gives `preprocess_tensor`."""
+    applied, flip, x0, y0, x1, y1, brightness, contrast, saturation = params.tolist()
+    if not applied:
+        return preprocess_tensor(image, image_size)
+    x = image.float().div_(255)
+    if flip:
+        x = x.flip(-1)
+    height, width = x.shape[-2:]
+    box = torch.tensor([[0, x0 * width, y0 * height, x1 * width, y1 * height]], device=x.device)
+    x = roi_align(x[None], box, (image_size, image_size), aligned=True)[0]
+    x = TF.adjust_brightness(x, brightness)
+    x = TF.adjust_contrast(x, contrast)
+    x = TF.adjust_saturation(x, saturation).clamp_(0, 1)
+    return normalize(x)
+
+
+def heatmap_target(heatmap: np.ndarray, params: np.ndarray, grid: int) -> torch.Tensor:
+    """A stored (h, w) uint8 heatmap → (1, grid, grid) float in [0, 1], flipped and cropped exactly
+    as its image (the crop box is in fractions of the picture, which the heatmap covers whole).
+    roi_align averages several samples per output cell, so shrinking does not miss thin limbs."""
+    applied, flip, x0, y0, x1, y1 = params[:6]
+    x = torch.from_numpy(np.asarray(heatmap, np.float32) / 255.0)[None]
+    if not applied:
+        x0, y0, x1, y1 = 0.0, 0.0, 1.0, 1.0
+    elif flip:
+        x = x.flip(-1)
+    height, width = x.shape[-2:]
+    if (x0, y0, x1, y1) == (0.0, 0.0, 1.0, 1.0) and (height, width) == (grid, grid):
+        return x
+    box = torch.tensor([[0, x0 * width, y0 * height, x1 * width, y1 * height]], dtype=torch.float32)
+    return roi_align(x[None], box, (grid, grid), aligned=True)[0].clamp_(0, 1)
+
+
+def draw_augmentation(rng: np.random.Generator, augment: dict | None) -> np.ndarray:
+    """One item's augmentation row (see _NO_AUGMENT); "not augmented" with probability 1 - p."""
+    if not augment or rng.random() >= augment["p"]:
+        return np.array(_NO_AUGMENT, np.float32)
+    flip = float(rng.random() < augment["flip"])
+    area = rng.uniform(*augment["crop_scale"])
+    ratio = math.exp(rng.uniform(math.log(augment["crop_ratio"][0]), math.log(augment["crop_ratio"][1])))
+    crop_w, crop_h = min(1.0, math.sqrt(area * ratio)), min(1.0, math.sqrt(area / ratio))
+    x0, y0 = rng.uniform(0, 1 - crop_w), rng.uniform(0, 1 - crop_h)
+    j = augment["jitter"]
+    factors = rng.uniform(1 - j, 1 + j, size=3) if j else np.ones(3)
+    return np.array([1, flip, x0, y0, x0 + crop_w, y0 + crop_h, *factors], np.float32)
+
+
+def decode_on_device(batch: dict, image_size: int, device: torch.device | str) -> torch.Tensor:
+    """Images of a batch produced with decode="gpu": nvjpeg-decodes its "encoded" JPEG bytes on
+    `device` and augments them there; returns (B, 3, S, S) normalised on `device`."""
+    images = decode_jpeg(batch["encoded"], mode=ImageReadMode.RGB, device=device)
+    params = batch["augmentation"]
+    return torch.stack([augmented_image(image, params[i], image_size) for i, image in enumerate(images)])
+
+
+# --- the collection ----------------------------------------------------------------------------
+
+@dataclass
+class CollectionInfo:
+    vocabulary: Vocabulary
+    heatmap: dict            # size, sigma, joint groups, as prep-pose recorded them
+    image_encoding: dict     # {"format": "jpeg", ...}
+
+
+def read_collection(folder: str | Path) -> CollectionInfo:
+    """Label vocabulary and parameters of a collection, from its index (never opens a shard)."""
+    meta = collection_metadata(folder)
+    if "vocabulary" not in meta:
+        raise ShardFormatError(f"{folder}: the index records no label vocabulary (was it written by vsam prep-pose?)")
+    return CollectionInfo(Vocabulary.from_json(meta["vocabulary"]), json.loads(meta.get("heatmap") or "{}"),
+                          json.loads(meta.get("image_encoding") or '{"format": "jpeg"}'))
+
+
+class ShardStream(IterableDataset):
+    """Batches of one split of a shard collection; see the module docstring.
+
+    Each batch is a dict: "image" (B, 3, S, S) float normalised (absent with decode="gpu", which
+    gives "encoded": B uint8 tensors of JPEG bytes), "augmentation" (B, 9) float, "heatmap"
+    (B, 1, S/4, S/4) float in [0, 1], "has_pose" (B,) bool, "category" (B,) int64 (-1 unknown),
+    "attributes" (B, A) float (1, 0, -1 unknown), "path" (list of B relative source paths).
+
+    `train=True` shuffles, augments and drops the remainder so that every rank gets the same
+    number of full batches; `train=False` keeps the stored order and every item (last batch may
+    be short), and is meant for one process (evaluation runs on rank 0).
+    """
+
+    def __init__(self, folder: str | Path, split: str | None, *, image_size: int, batch_size: int, train: bool,
+                 augment: dict | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 256, decode: str = "cpu", max_batches: int | None = None):
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', not {decode!r}")
+        self.folder = Path(folder)
+        self.split = split
+        self.info = read_collection(folder)
+        if decode == "gpu" and self.info.image_encoding.get("format", "jpeg") != "jpeg":
+            raise ValueError(f"{folder}: images are {self.info.image_encoding.get('format')}, GPU decoding needs JPEG")
+        self.shards = [(path, rows) for path, rows in live_rows(folder, (split,) if split else None).items()]
+        self.n_items = sum(len(rows) for _, rows in self.shards)
+        self.image_size, self.grid = image_size, image_size // 4
+        self.batch_size, self.train = batch_size, train
+        self.augment = augment if train else None
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer = shuffle_buffer if train else 0
+        self.decode = decode
+        self.max_batches = max_batches
+        self.epoch = 0
+        if train and self.n_items < batch_size * world_size:
+            raise ValueError(f"{folder}: split {split!r} has {self.n_items} items, fewer than one batch of "
+                             f"{batch_size} for each of {world_size} processes")
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        return self.info.vocabulary
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        if self.train:
+            n = self.n_items // (self.batch_size * self.world_size)
+        else:
+            n = math.ceil(self.n_items / self.batch_size)
+        return min(n, self.max_batches) if self.max_batches is not None else n
+
+    def rank_items(self, epoch: int | None = None) -> list[tuple[Path, int]]:
+        """(shard, row) pairs of this rank for an epoch, before the per-worker shuffle buffer."""
+        epoch = self.epoch if epoch is None else epoch
+        if not self.train:
+            return [(path, int(row)) for path, rows in self.shards for row in rows][: len(self) * self.batch_size]
+        rng = np.random.default_rng([self.seed, epoch])
+        ordered = []
+        for index in rng.permutation(len(self.shards)):
+            path, rows = self.shards[index]
+            ordered += [(path, int(row)) for row in rng.permutation(rows)]
+        per_rank = len(self) * self.batch_size
+        return ordered[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def __iter__(self):
+        worker = get_worker_info()
+        worker_id, n_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        items = self.rank_items()
+        n_batches = math.ceil(len(items) / self.batch_size)
+        first, last = (n_batches * worker_id // n_workers, n_batches * (worker_id + 1) // n_workers)
+        items = items[first * self.batch_size:last * self.batch_size]
+        order_rng, augment_rng = (np.random.default_rng(s) for s in
+                                  np.random.SeedSequence([self.seed, self.epoch, self.rank, worker_id]).spawn(2))
+        reader = _Reader()
+        try:
+            batch = []
+            for record in _shuffled(map(reader.record, items), self.shuffle_buffer, order_rng):
+                batch.append(record)
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch, augment_rng)
+                    batch = []
+            if batch:
+                yield self._collate(batch, augment_rng)
+        finally:
+            reader.close()
+
+    def _collate(self, records: list[dict], rng: np.random.Generator) -> dict:
+        params = np.stack([draw_augmentation(rng, self.augment) for _ in records])
+        batch = {
+            "augmentation": torch.from_numpy(params),
+            "heatmap": torch.stack([heatmap_target(r["heatmap"], p, self.grid) for r, p in zip(records, params)]),
+            "has_pose": torch.tensor([r["has_pose"] for r in records], dtype=torch.bool),
+            "category": torch.tensor([r["category"] for r in records], dtype=torch.int64),
+            "attributes": torch.from_numpy(np.stack([r["attributes"] for r in records]).astype(np.float32)),
+            "path": [r["path"] for r in records],
+        }
+        encoded = [torch.frombuffer(bytearray(r["image"]), dtype=torch.uint8) for r in records]
+        if self.decode == "gpu":
+            batch["encoded"] = encoded
+        else:
+            batch["image"] = torch.stack([
+                augmented_image(_decode_item(data, r["path"]), batch["augmentation"][i], self.image_size)
+                for i, (data, r) in enumerate(zip(encoded, records))])
+        return batch
+
+
+def _decode_item(data: torch.Tensor, path: str) -> torch.Tensor:
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as error:
+        raise ShardFormatError(f"{path}: stored image cannot be decoded ({error})") from None
+
+
+class _Reader:
+    """Per-worker access to the shards: each file opened once, its small per-item datasets read
+    whole on first use (one read per dataset), image bytes read per item."""
+
+    _COLUMNS = ("image_offsets", "heatmap", "has_pose", "category", "attributes", "path")
+
+    def __init__(self):
+        self.shards: dict[Path, tuple[Shard, dict]] = {}
+
+    def record(self, item: tuple[Path, int]) -> dict:
+        path, row = item
+        if path not in self.shards:
+            shard = Shard(path)
+            self.shards[path] = (shard, shard.read(self._COLUMNS))
+        shard, data = self.shards[path]
+        return {"image": shard.image(row, data["image_offsets"]), "heatmap": data["heatmap"][row],
+                "has_pose": bool(data["has_pose"][row]), "category": int(data["category"][row]),
+                "attributes": data["attributes"][row], "path": data["path"][row]}
+
+    def close(self) -> None:
+        for shard, _ in self.shards.values():
+            shard.close()
+        self.shards.clear()
+
+
+def _shuffled(records, buffer_size: int, rng: np.random.Generator):
+    """A shuffle buffer: keeps up to `buffer_size` records and emits a random one per new one."""
+    if buffer_size <= 1:
+        yield from records
+        return
+    buffer = []
+    for record in records:
+        buffer.append(record)
+        if len(buffer) >= buffer_size:
+            index = int(rng.integers(len(buffer)))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+    while buffer:
+        index = int(rng.integers(len(buffer)))
+        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+        yield buffer.pop()
+
+
+def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """A DataLoader over a ShardStream (which batches by itself). Workers are forked per epoch, so
+    each opens its shards afresh; the parent never opens one."""
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                       prefetch_factor=4 if num_workers else None)

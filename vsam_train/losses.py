@@ -1,0 +1,89 @@
+"""VSAM's training objective: category CE + attribute focal loss + λ · heatmap term.
+
+Unknown labels (-1) never contribute. Items without a pose contribute no heatmap term; the
+baselines (no Ŝ) have none at all.
+
+Two heatmap terms (`kind`):
+
+* "l2" (the paper): pixelwise squared error between Ŝ and the pose heatmap S, averaged over the
+  pixels of each image and over the images that have a pose. The default: see README "Losses".
+* "softmax_l2" (the authors' released code): Ŝ goes through a spatial softmax inside the loss,
+  then the L2 norm of (softmax(Ŝ) − S) per image, summed over the batch; they used λ = 10.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import sigmoid_focal_loss
+
+HEATMAP_KINDS = ("l2", "softmax_l2")
+
+
+def category_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over the items whose category is known; 0 when none is."""
+    known = labels >= 0
+    if not known.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[known], labels[known])
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: float = 0.6) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al.; α weighs the positives, 1 − α the negatives), summed over
+    each item's known attributes and averaged over items, as per-sample Keras losses are."""
+    known = labels >= 0
+    per_label = sigmoid_focal_loss(logits, labels.clamp(min=0).to(logits.dtype), alpha=alpha, gamma=gamma,
+                                   reduction="none")
+    return (per_label * known).sum() / max(logits.shape[0], 1)
+
+
+def heatmap_loss(attention: torch.Tensor, target: torch.Tensor, has_pose: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """Ŝ (B, 1, h, w) after its sigmoid vs S (B, 1, h, w) in [0, 1]; see the module docstring."""
+    if attention.shape != target.shape:
+        raise ValueError(f"attention {tuple(attention.shape)} and heatmap {tuple(target.shape)} differ: the "
+                         "loader renders heatmaps at image_size / 4, the grid of Ŝ")
+    if not has_pose.any():
+        return attention.sum() * 0.0
+    attention, target = attention[has_pose].float(), target[has_pose].float()
+    if kind == "l2":
+        return (attention - target).pow(2).mean()
+    if kind == "softmax_l2":
+        flat = attention.flatten(1)
+        return (F.softmax(flat, dim=1) - target.flatten(1)).norm(dim=1).sum()
+    raise ValueError(f"unknown heatmap loss {kind!r}; choose one of {HEATMAP_KINDS}")
+
+
+class VsamLoss(nn.Module):
+    """total = w_c · CE(category) + w_a · focal(attributes) + λ · heatmap(Ŝ, S).
+
+    `forward(outputs, batch)` takes the model's output dict and a loader batch and returns
+    (total, {"category": …, "attributes": …, "heatmap": …}) with detached parts (absent terms are 0)."""
+
+    def __init__(self, category_weight: float = 1.0, attribute_weight: float = 1.0, focal_gamma: float = 2.0,
+                 focal_alpha: float = 0.6, heatmap_kind: str = "l2", heatmap_weight: float = 10.0):
+        super().__init__()
+        if heatmap_kind not in HEATMAP_KINDS:
+            raise ValueError(f"unknown heatmap loss {heatmap_kind!r}; choose one of {HEATMAP_KINDS}")
+        self.category_weight, self.attribute_weight = category_weight, attribute_weight
+        self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
+        self.heatmap_kind, self.heatmap_weight = heatmap_kind, heatmap_weight
+
+    @classmethod
+    def from_config(cls, loss: dict) -> "VsamLoss":
+        return cls(category_weight=loss["category_weight"], attribute_weight=loss["attribute_weight"],
+                   focal_gamma=loss["focal_gamma"], focal_alpha=loss["focal_alpha"],
+                   heatmap_kind=loss["heatmap_loss"]["kind"], heatmap_weight=loss["heatmap_loss"]["weight"])
+
+    def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        zero = next(v for v in outputs.values() if v is not None).new_zeros((), dtype=torch.float32)
+        parts = {"category": zero, "attributes": zero, "heatmap": zero}
+        if outputs.get("category") is not None:
+            parts["category"] = category_loss(outputs["category"].float(), batch["category"])
+        if outputs.get("attributes") is not None:
+            parts["attributes"] = focal_loss(outputs["attributes"].float(), batch["attributes"],
+                                             self.focal_gamma, self.focal_alpha)
+        if outputs.get("attention") is not None and self.heatmap_weight:
+            parts["heatmap"] = heatmap_loss(outputs["attention"], batch["heatmap"], batch["has_pose"], self.heatmap_kind)
+        total = (self.category_weight * parts["category"] + self.attribute_weight * parts["attributes"]
+                 + self.heatmap_weight * parts["heatmap"])
+        return total, {name: value.detach() for name, value in parts.items()}

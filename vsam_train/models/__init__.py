@@ -1,0 +1,108 @@
+"""Model factory: `create_model(name, ...)` builds VSAM or one of the paper's baselines.
+
+Every model maps images (B, 3, S, S), normalised as `vsam_train.data.preprocess` does, to a dict:
+
+* "category": (B, C) logits (softmax), or None when the data has no categories;
+* "attributes": (B, A) logits (sigmoid), or None when it has no attributes;
+* "attention": Ŝ after its sigmoid, (B, 1, S/4, S/4), or None for the baselines;
+* with `return_features=True` also "category_features" and "attribute_features": each head's
+  conv + ReLU output (B, 1024·width, S/32, S/32) (None where that head is absent).
+
+The heads' linear layers are `model.category_head.fc` and `model.attribute_head.fc` (CAM_c =
+Σ_k fc.weight[c, k] · features_k); the convolutional trunk is `model.features`, laid out as
+torchvision's (VGG16 `features` indices; ResNet-50 module names without `avgpool`/`fc`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .heads import Head, TwoHeads
+from .resnet import ResNet50
+from .vgg import VGG16, VSAM
+
+MODELS = ("vsam", "vgg16", "resnet50")
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Weights that cannot be obtained or do not fit the model; the message says what to do."""
+
+
+def create_model(name: str, num_categories: int, num_attributes: int, *, width: float = 1.0,
+                 image_size: int = 224, batch_norm: bool = False, pretrained: str | None = None,
+                 dropout: float = 0.5, attention_scale: float = 20.0) -> TwoHeads:
+    """Build a model; Kaiming-initialised unless `pretrained` names weights for its trunk:
+    "imagenet" (torchvision's weights API: needs the internet or torch's hub cache) or the path of
+    a local state_dict file (torchvision's key names, with or without the classifier keys).
+
+    `num_categories` may be 0 (no category head; DeepFashion attribute subset). `batch_norm`
+    selects torchvision's vgg16_bn layout (VGG models; ResNet-50 always has batch norm)."""
+    if name == "vsam":
+        model = VSAM(num_categories, num_attributes, width=width, image_size=image_size, batch_norm=batch_norm,
+                     dropout=dropout, attention_scale=attention_scale)
+    elif name == "vgg16":
+        model = VGG16(num_categories, num_attributes, width=width, image_size=image_size, batch_norm=batch_norm,
+                      dropout=dropout)
+    elif name == "resnet50":
+        model = ResNet50(num_categories, num_attributes, width=width, image_size=image_size, dropout=dropout)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if pretrained:
+        load_pretrained_trunk(model, name, pretrained, batch_norm)
+    return model
+
+
+def load_pretrained_trunk(model: TwoHeads, name: str, pretrained: str, batch_norm: bool) -> None:
+    if pretrained == "imagenet":
+        if model.width != 1.0:
+            raise PretrainedWeightsError(f"ImageNet weights exist only for width 1.0, not {model.width}")
+        state, source = _download_imagenet(name, batch_norm), f"torchvision's ImageNet weights for {name}"
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"{path}: no such weights file (--pretrained takes 'imagenet' or a path)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for foreign or damaged files
+            raise PretrainedWeightsError(f"{path}: not a loadable state_dict ({error})") from None
+        source = str(path)
+    trunk_state = _trunk_state(state)
+    try:
+        model.features.load_state_dict(trunk_state, strict=True)
+    except RuntimeError as error:
+        raise PretrainedWeightsError(f"{source}: does not fit the {name} trunk ({error})") from None
+
+
+def _trunk_state(state: dict) -> dict:
+    """torchvision's keys → `model.features` keys: 'features.N.*' for VGG (the classifier is
+    dropped); ResNet keys as they are, without 'fc.*'. A vsam checkpoint's 'model' also works."""
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if any(key.startswith("features.") for key in state):
+        return {key[len("features."):]: value for key, value in state.items() if key.startswith("features.")}
+    return {key: value for key, value in state.items() if not key.startswith("fc.")}
+
+
+def _download_imagenet(name: str, batch_norm: bool) -> dict:
+    from torchvision.models import ResNet50_Weights, VGG16_BN_Weights, VGG16_Weights
+
+    if name == "resnet50":
+        weights = ResNet50_Weights.IMAGENET1K_V2
+    else:
+        weights = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as error:  # URLError, HTTPError, socket errors, a truncated download ...
+        raise PretrainedWeightsError(
+            f"could not get {weights} from {weights.url} ({error}). Without internet access, download that "
+            f"file elsewhere and pass its path: --pretrained PATH") from None
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["MODELS", "Head", "PretrainedWeightsError", "ResNet50", "TwoHeads", "VGG16", "VSAM",
+           "count_parameters", "create_model"]

@@ -1,0 +1,420 @@
+"""`vsam train`: shards → VSAM (or a baseline), in the style of torchvision's classification
+reference: `train_one_epoch`, `evaluate`, `main`.
+
+The run folder holds config.yaml (resolved), checkpoints/last.pt and epoch-NNN.pt, metrics.jsonl
+(one object per epoch), steps.jsonl (every `train.log_every` steps), tensorboard/ and, with
+`train.log_items`, items/rank-R.jsonl (the paths each rank trained on, per step).
+
+Launched by torchrun (WORLD_SIZE > 1) it trains with DistributedDataParallel: NCCL on CUDA, gloo
+on the CPU; rank 0 evaluates, logs and writes checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .config import ConfigError, load_config, save_config
+from .data import ShardStream, decode_on_device, make_loader
+from .losses import VsamLoss
+from .models import create_model
+
+
+class RunFolderError(RuntimeError):
+    """The run folder cannot be used as asked (a finished run without --resume, ...)."""
+
+
+class InverseTimeDecay:
+    """Keras' `decay` of the legacy optimizers: lr_t = lr / (1 + decay · t), t = steps done."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+
+    def __call__(self, step: int) -> float:
+        return 1.0 / (1.0 + self.decay * step)
+
+
+def resolve_run_config(out: str | Path, config_file: str | Path | None, overrides: dict, resume: bool) -> dict:
+    """The config of a run: with `resume`, the run folder's own config.yaml (a different file is
+    refused), else the given file (or the defaults); CLI overrides on top of either."""
+    saved = Path(out) / "config.yaml"
+    if resume and saved.exists():
+        if config_file is not None and Path(config_file).resolve() != saved.resolve():
+            raise ConfigError(f"--resume continues {out} with its own {saved}; drop --config {config_file}")
+        return load_config(saved, overrides)
+    return load_config(config_file, overrides)
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+def setup_distributed(device_kind: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Initialises the process group when torchrun started us."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_kind == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda, but torch sees no CUDA device")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world_size, device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def build_model(config: dict, vocabulary) -> torch.nn.Module:
+    m = config["model"]
+    return create_model(m["name"], len(vocabulary.categories), len(vocabulary.attributes), width=m["width"],
+                        image_size=m["image_size"], batch_norm=m["batch_norm"], pretrained=m["pretrained"],
+                        dropout=m["dropout"], attention_scale=m["attention_scale"])
+
+
+def build_optimizer(model: torch.nn.Module, config: dict):
+    o = config["optim"]
+    optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, InverseTimeDecay(o["decay"]))
+    return optimizer, scheduler
+
+
+def images_on_device(batch: dict, device: torch.device, image_size: int, channels_last: bool) -> torch.Tensor:
+    if "encoded" in batch:
+        images = decode_on_device(batch, image_size, device)
+    else:
+        images = batch["image"].to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def targets_on_device(batch: dict, device: torch.device) -> dict:
+    return {key: batch[key].to(device, non_blocking=True) for key in ("heatmap", "has_pose", "category", "attributes")}
+
+
+# --- one epoch ---------------------------------------------------------------------------------
+
+def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoch: int, step: int, *,
+                    config: dict, log=None) -> tuple[dict, int]:
+    """Train over one epoch of `loader`. Returns (mean losses and throughput, global step after)."""
+    model.train()
+    autocast = _autocast(device, config)
+    channels_last = config["train"]["channels_last"] and device.type == "cuda"
+    image_size = config["model"]["image_size"]
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    n_items, started = 0, time.perf_counter()
+    bar = tqdm(loader, total=len(loader.dataset), desc=f"epoch {epoch + 1}", disable=not (log and log.main),
+               dynamic_ncols=True, mininterval=1.0)
+    for batch in bar:
+        images = images_on_device(batch, device, image_size, channels_last)
+        targets = targets_on_device(batch, device)
+        with autocast:
+            outputs = model(images)
+        loss, parts = criterion(outputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        batch_size = images.shape[0]
+        # Kept on the device: reading a value back would wait for the GPU at every step.
+        values = torch.stack([loss.detach().float(), parts["category"], parts["attributes"], parts["heatmap"]])
+        sums += values.double() * batch_size
+        n_items += batch_size
+        if log and log.step(epoch, step, values, scheduler.get_last_lr()[0], batch["path"]):
+            bar.set_postfix(loss=f"{log.last_loss:.4f}", refresh=False)
+    seconds = time.perf_counter() - started
+    totals = torch.cat([sums, torch.tensor([n_items], dtype=torch.float64, device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    totals = totals.cpu()
+    if not math.isfinite(totals[0].item()):
+        raise FloatingPointError(f"epoch {epoch + 1}: the training loss is not finite ({totals[0].item()})")
+    means = (totals[:4] / totals[4].clamp(min=1)).tolist()
+    stats = {"train_loss": means[0], "train_category_loss": means[1], "train_attribute_loss": means[2],
+             "train_heatmap_loss": means[3], "train_images": int(totals[4].item()),
+             "train_images_per_second": totals[4].item() / seconds if seconds else math.nan,
+             "lr": scheduler.get_last_lr()[0]}
+    return stats, step
+
+
+@torch.inference_mode()
+def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
+    """Losses and per-item outputs over `loader`: "loss" (and "category_loss", "attribute_loss",
+    "heatmap_loss"), "attribute_scores" (N, A) sigmoid probabilities, "attribute_labels" (N, A)
+    int8 (-1 unknown), "category_logits" (N, C) or None, "category_labels" (N,), "paths",
+    "attention_mse" (mean squared error of Ŝ vs S over the items with a pose, or None)."""
+    model.eval()
+    autocast = _autocast(device, config)
+    channels_last = config["train"]["channels_last"] and device.type == "cuda"
+    image_size = config["model"]["image_size"]
+    sums, n_items = torch.zeros(4, dtype=torch.float64), 0
+    attention_error, attention_pixels = 0.0, 0
+    scores, labels, logits, categories, paths = [], [], [], [], []
+    for batch in loader:
+        images = images_on_device(batch, device, image_size, channels_last)
+        targets = targets_on_device(batch, device)
+        with autocast:
+            outputs = model(images)
+        loss, parts = criterion(outputs, targets)
+        n = images.shape[0]
+        sums += torch.stack([loss.float(), parts["category"], parts["attributes"], parts["heatmap"]]).cpu().double() * n
+        n_items += n
+        if outputs["attributes"] is not None:
+            scores.append(torch.sigmoid(outputs["attributes"].float()).cpu())
+        if outputs["category"] is not None:
+            logits.append(outputs["category"].float().cpu())
+        if outputs["attention"] is not None and targets["has_pose"].any():
+            pose = targets["has_pose"]
+            difference = outputs["attention"][pose].float() - targets["heatmap"][pose]
+            attention_error += difference.pow(2).sum().item()
+            attention_pixels += difference.numel()
+        labels.append(batch["attributes"].to(torch.int8))
+        categories.append(batch["category"])
+        paths += batch["path"]
+    means = (sums / max(n_items, 1)).tolist()
+    return {
+        "loss": means[0], "category_loss": means[1], "attribute_loss": means[2], "heatmap_loss": means[3],
+        "n_items": n_items,
+        "attribute_scores": torch.cat(scores).numpy() if scores else None,
+        "attribute_labels": torch.cat(labels).numpy() if labels else np.zeros((0, 0), np.int8),
+        "category_logits": torch.cat(logits).numpy() if logits else None,
+        "category_labels": torch.cat(categories).numpy() if categories else np.zeros(0, np.int64),
+        "paths": paths,
+        "attention_mse": attention_error / attention_pixels if attention_pixels else None,
+    }
+
+
+def summarize(result: dict, vocabulary) -> dict:
+    """The scalars of an evaluation worth a line in metrics.jsonl (prefixed "val_")."""
+    from .metrics import category_accuracy, compute_metrics
+
+    summary = {"val_loss": result["loss"], "val_category_loss": result["category_loss"],
+               "val_attribute_loss": result["attribute_loss"], "val_heatmap_loss": result["heatmap_loss"],
+               "val_items": result["n_items"]}
+    if result["attention_mse"] is not None:
+        summary["val_attention_mse"] = result["attention_mse"]
+    if result["attribute_scores"] is not None and result["n_items"]:
+        metrics = compute_metrics(result["attribute_scores"], result["attribute_labels"], vocabulary,
+                                  result["category_logits"], result["category_labels"]
+                                  if result["category_logits"] is not None else None)
+        for key in ("P@k", "R@k", "F1@k", "AP", "category_top1", "category_top5"):
+            if key in metrics:
+                summary[f"val_{key}"] = metrics[key]
+        for k in (3, 5):
+            summary[f"val_top{k}_recall"] = metrics[f"top{k}_recall"]["all"]
+            for group, value in metrics[f"top{k}_recall"].items():
+                if group != "all":
+                    summary[f"val_top{k}_recall/{group}"] = value
+        if "group_top1" in metrics:
+            summary["val_group_top1"] = metrics["group_top1"].get("mean")
+    elif result["category_logits"] is not None and result["n_items"]:
+        summary.update({f"val_{k}": v for k, v in
+                        category_accuracy(result["category_logits"], result["category_labels"]).items()})
+    return summary
+
+
+def _autocast(device: torch.device, config: dict):
+    if device.type == "cuda" and config["train"]["amp"]:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# --- logging -----------------------------------------------------------------------------------
+
+class RunLog:
+    """metrics.jsonl, steps.jsonl, TensorBoard (rank 0) and items/rank-R.jsonl (every rank)."""
+
+    def __init__(self, run_dir: Path, rank: int, config: dict, resumed_step: int, resumed_epoch: int):
+        self.run_dir, self.main = run_dir, rank == 0
+        self.log_every = max(1, int(config["train"]["log_every"]))
+        self.items_path = run_dir / "items" / f"rank-{rank}.jsonl" if config["train"]["log_items"] else None
+        self.writer = None
+        self.last_loss = math.nan
+        # A resumed run repeats what followed its checkpoint: drop those lines first.
+        if self.items_path:
+            self.items_path.parent.mkdir(parents=True, exist_ok=True)
+            _truncate_jsonl(self.items_path, lambda r: r["epoch"] <= resumed_epoch)
+        if self.main:
+            _truncate_jsonl(run_dir / "metrics.jsonl", lambda r: r["epoch"] <= resumed_epoch)
+            _truncate_jsonl(run_dir / "steps.jsonl", lambda r: r["step"] <= resumed_step)
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step or None)
+
+    def step(self, epoch: int, step: int, values: torch.Tensor, lr: float, paths: list[str]) -> bool:
+        """Log one optimizer step; True when it was a logged step (its values were read back)."""
+        if self.items_path:
+            _append_jsonl(self.items_path, {"epoch": epoch + 1, "step": step, "paths": list(paths)})
+        if not self.main or step % self.log_every:
+            return False
+        loss, category, attributes, heatmap = values.tolist()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch + 1} step {step}: the loss is {loss}")
+        self.last_loss = loss
+        record = {"epoch": epoch + 1, "step": step, "loss": loss, "category_loss": category,
+                  "attribute_loss": attributes, "heatmap_loss": heatmap, "lr": lr}
+        _append_jsonl(self.run_dir / "steps.jsonl", record)
+        for key in ("loss", "category_loss", "attribute_loss", "heatmap_loss", "lr"):
+            self.writer.add_scalar(f"step/{key}", record[key], step)
+        return True
+
+    def epoch(self, record: dict) -> None:
+        if not self.main:
+            return
+        _append_jsonl(self.run_dir / "metrics.jsonl", record)
+        for key, value in record.items():
+            if key not in ("epoch", "step") and isinstance(value, (int, float)) and value is not None:
+                self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_jsonl(path: Path, keep) -> None:
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if keep(json.loads(line)):
+                kept.append(line)
+        except json.JSONDecodeError:   # a line cut by a kill
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, config: dict, stream: ShardStream) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "step": step, "rng": rng_states(), "config": config,
+            "vocabulary": stream.vocabulary.to_json(), "model_name": config["model"]["name"],
+            "image_size": config["model"]["image_size"], "heatmap": json.dumps(stream.info.heatmap)}
+
+
+def write_checkpoints(folder: Path, state: dict, keep_epoch: bool) -> Path:
+    """checkpoints/epoch-NNN.pt (when kept) and checkpoints/last.pt, both atomic."""
+    last = folder / "last.pt"
+    if not keep_epoch:
+        save_checkpoint(last, state)
+        return last
+    epoch_path = folder / f"epoch-{state['epoch']:03d}.pt"
+    save_checkpoint(epoch_path, state)
+    link = folder / ".last.pt.link"
+    try:   # the same bytes under a second name without writing them twice
+        link.unlink(missing_ok=True)
+        os.link(epoch_path, link)
+        os.replace(link, last)
+    except OSError:
+        save_checkpoint(last, state)
+    return last
+
+
+# --- main --------------------------------------------------------------------------------------
+
+def main(config: dict, shards: str | Path, out: str | Path, *, resume: bool = False, device: str | None = None) -> dict:
+    """Train as `config` says on the shard collection `shards`, into the run folder `out`.
+    Returns {"run_dir", "checkpoint", "epochs": [metrics.jsonl records of this process's run]}."""
+    device_kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if config["data"]["decode"] == "gpu" and device_kind != "cuda":
+        raise ConfigError("data.decode: gpu needs --device cuda")
+    run_dir = Path(out)
+    checkpoint_dir = run_dir / "checkpoints"
+    last = checkpoint_dir / "last.pt"
+    if last.exists() and not resume:
+        raise RunFolderError(f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose "
+                             "another --out")
+    rank, world_size, device = setup_distributed(device_kind)
+    t, d = config["train"], config["data"]
+    if t["cpu_threads"]:
+        torch.set_num_threads(int(t["cpu_threads"]))
+    seed_everything(t["seed"], t["deterministic"])
+
+    train_stream = ShardStream(shards, d["train_split"], image_size=config["model"]["image_size"],
+                               batch_size=t["batch_size"], train=True, augment=d["augment"], seed=t["seed"],
+                               rank=rank, world_size=world_size, shuffle_buffer=d["shuffle_buffer"],
+                               decode=d["decode"], max_batches=t["max_steps_per_epoch"])
+    vocabulary = train_stream.vocabulary
+    val_loader = None
+    if rank == 0 and d["val_split"]:
+        val_stream = ShardStream(shards, d["val_split"], image_size=config["model"]["image_size"],
+                                 batch_size=d["eval_batch_size"] or t["batch_size"], train=False,
+                                 decode=d["decode"], max_batches=d["max_val_batches"])
+        if val_stream.n_items:
+            val_loader = make_loader(val_stream, d["num_workers"], pin_memory=device.type == "cuda")
+
+    model = build_model(config, vocabulary).to(device)
+    if t["channels_last"] and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer, scheduler = build_optimizer(model, config)
+    criterion = VsamLoss.from_config(config["loss"])
+    start_epoch, step = 0, 0
+    if resume and last.exists():
+        state = load_checkpoint(last, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        restore_rng_states(state["rng"])
+
+    if rank == 0:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.yaml")
+    trained = model
+    if world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t["compile"]:
+        trained = torch.compile(trained)
+    log = RunLog(run_dir, rank, config, step, start_epoch)
+    train_loader = make_loader(train_stream, d["num_workers"], pin_memory=device.type == "cuda")
+    records = []
+    try:
+        for epoch in range(start_epoch, t["epochs"]):
+            train_stream.set_epoch(epoch)
+            # Dropout masks from (seed, epoch, rank): the same after a resume, different per rank.
+            torch.manual_seed(int(np.random.SeedSequence([t["seed"], epoch, rank]).generate_state(1)[0]))
+            stats, step = train_one_epoch(trained, criterion, optimizer, scheduler, train_loader, device, epoch,
+                                          step, config=config, log=log)
+            record = {"epoch": epoch + 1, "step": step, **stats}
+            if val_loader is not None:
+                record.update(summarize(evaluate(model, criterion, val_loader, device, config=config), vocabulary))
+            if rank == 0:
+                write_checkpoints(checkpoint_dir, checkpoint_state(model, optimizer, scheduler, epoch + 1, step,
+                                                                   config, train_stream), t["keep_epoch_checkpoints"])
+                log.epoch(record)
+                records.append(record)
+            if dist.is_initialized():
+                dist.barrier()
+    finally:
+        log.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {"run_dir": str(run_dir), "checkpoint": str(last), "epochs": records}
