@@ -483,3 +483,36 @@ def exit_code(report: Report, strict: bool) -> int:
     if report.counts["rejected"] and report.stored == 0:
         return EXIT_FAILED
     return EXIT_OK
+
+
+def catalog_problems(out: str | os.PathLike, images: str | os.PathLike, splits: tuple[str, ...] | None = None,
+                     labels: Labels | None = None) -> list[str]:
+    """Exactly-once audit of a finished collection against its catalog: every readable image under
+    `images` is live exactly once with the sha256 of its current bytes, nothing else is live, and
+    `shard_format.verify_collection` finds nothing. Returns the problems (empty when sound)."""
+    from .shard_format import index_path, live_items, verify_collection
+
+    problems = verify_collection(out)
+    live: dict[str, list[dict]] = {}
+    for item in live_items(out):
+        live.setdefault(item["path"], []).append(item)
+    with open_index(out, readonly=True) as connection:
+        rejected = {p for (p,) in connection.execute("SELECT path FROM files WHERE status='rejected'")}
+    images = Path(images)
+    for path in find_images(images):
+        relative = path.relative_to(images).as_posix()
+        if splits and labels is not None and labels.for_item(relative).split not in splits:
+            continue
+        try:
+            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError:
+            sha256 = None
+        copies = live.pop(relative, [])
+        if len(copies) > 1:
+            problems.append(f"{relative}: live {len(copies)} times ({[(c['shard'], c['row']) for c in copies]})")
+        elif not copies and relative not in rejected:
+            problems.append(f"{relative}: neither live nor rejected in {index_path(out)}")
+        elif copies and copies[0]["sha256"] != sha256:
+            problems.append(f"{relative}: live with sha256 {copies[0]['sha256'][:12]}…, the file has {str(sha256)[:12]}…")
+    problems += [f"{path}: live but not in the catalog" for path in sorted(live)]
+    return problems

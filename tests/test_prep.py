@@ -1,0 +1,246 @@
+"""`vsam prep-pose` on real DeepFashion photos with the real BlazePose detector: incremental reruns,
+relabelling, the bad-file zoo, real kill -9 of real processes, two concurrent runs, the Dask backend."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import bad_images
+from pose_prep import lock
+from pose_prep.prep import PrepError, PrepOptions, catalog_problems, run
+from pose_prep.shard_format import Shard, collection_info, live_items, shard_name, verify_shard
+
+VSAM = str(Path(sys.executable).with_name("vsam"))
+# Train, val, test and one image that no split file lists.
+SUBSET = ["00000", "00001", "00002", "00003", "00004", "00005", "05000", "05001", "06000", "05600"]
+
+
+def copy_photos(shared_data: Path, folder: Path, numbers) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in numbers:
+        shutil.copyfile(shared_data / "deepfashion-attr" / "img" / f"{number}.jpg", folder / f"{number}.jpg")
+    return folder
+
+
+def prep(images: Path, out: Path, **options) -> "Report":  # noqa: F821
+    return run(PrepOptions(images=images, out=out, progress=False, **options))
+
+
+def items_by_path(out: Path) -> dict[str, dict]:
+    return {item["path"]: item for item in live_items(out)}
+
+
+def shard_files(out: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")}
+
+
+def test_incremental_reruns_touch_only_what_changed(tmp_path, shared_data):
+    images, out = copy_photos(shared_data, tmp_path / "img", SUBSET), tmp_path / "shards"
+    labels = shared_data / "deepfashion-attr"
+    first = prep(images, out, labels=labels, shard_size=4)
+    assert first.counts["new"] == 10 and first.processed == 10 and first.exit_code == 0
+    assert collection_info(out)["splits"] == {"train": 6, "val": 2, "test": 1, "none": 1}
+    assert catalog_problems(out, images) == []
+
+    before = shard_files(out)
+    again = prep(images, out, labels=labels, shard_size=4)
+    assert again.counts["unchanged"] == 10 and again.processed == 0 and again.stored == 0
+    assert shard_files(out) == before                               # not one shard rewritten
+
+    copy_photos(shared_data, images, ["00010", "00011"])                                     # 2 new
+    (images / "00001.jpg").write_bytes((shared_data / "deepfashion-attr/img/00012.jpg").read_bytes())  # changed
+    (images / "00002.jpg").unlink()                                                          # deleted
+    os.utime(images / "00003.jpg", ns=(time.time_ns(), time.time_ns() + 10**9))            # touched only
+    old = items_by_path(out)
+    third = prep(images, out, labels=labels, shard_size=4)
+    c = third.counts
+    assert (c["new"], c["changed"], c["deleted"], c["unchanged"], third.processed) == (2, 1, 1, 8, 3)
+    now = items_by_path(out)
+    assert set(now) == {p.name for p in images.iterdir()}
+    assert now["00001.jpg"]["sha256"] == hashlib.sha256((images / "00001.jpg").read_bytes()).hexdigest()
+    for untouched in ("00000.jpg", "00003.jpg", "05000.jpg"):
+        assert (now[untouched]["shard"], now[untouched]["row"]) == (old[untouched]["shard"], old[untouched]["row"])
+    assert catalog_problems(out, images) == []
+
+    last = prep(images, out, labels=labels, shard_size=4)
+    assert last.counts["unchanged"] == 11 and last.processed == 0
+    report = json.loads((out / "reports" / "latest.json").read_text())
+    assert report["status"] == "completed" and report["counts"]["unchanged"] == 11 and report["exit_code"] == 0
+
+
+def test_new_labels_relabel_without_detecting_again(tmp_path, shared_data):
+    images, out = copy_photos(shared_data, tmp_path / "img", SUBSET[:4]), tmp_path / "shards"
+    csv = tmp_path / "labels.csv"
+    csv.write_text("path,category,attributes,split,category_type\n00000.jpg,Dress,floral,train,3\n"
+                   "00001.jpg,Tee,,train,1\n00002.jpg,Jeans,,val,2\n")
+    prep(images, out, labels=csv)
+    before = {i["path"]: Shard(out / i["shard"]).item(i["row"]) for i in live_items(out)}
+
+    csv.write_text(csv.read_text().replace("00000.jpg,Dress,floral,train,3", "00000.jpg,Jeans,floral;maxi,val,2"))
+    report = prep(images, out, labels=csv)
+    assert report.counts["relabelled"] == 4 and report.processed == 0   # a new vocabulary: every row copied
+    after = {i["path"]: Shard(out / i["shard"]).item(i["row"]) for i in live_items(out)}
+    jeans = after["00000.jpg"]
+    assert (jeans.category, jeans.attributes.tolist(), jeans.split) == (0, [1, 1], "val")   # no Dress left: Jeans, Tee
+    np.testing.assert_array_equal(jeans.keypoints, before["00000.jpg"].keypoints)
+    assert jeans.image == before["00000.jpg"].image
+    # Jeans are a lower-body item: only hips, knees and ankles light the heatmap now.
+    assert jeans.heatmap.sum() < before["00000.jpg"].heatmap.sum()
+    assert after["00003.jpg"].split == "none" and after["00003.jpg"].category == -1
+    assert catalog_problems(out, images) == []
+
+    with pytest.raises(PrepError, match="was built with the labels of .*labels.csv: pass --labels again"):
+        prep(images, out)
+
+
+def test_crop_bbox_stores_the_annotated_box(tmp_path, shared_data):
+    images, out = copy_photos(shared_data, tmp_path / "img", ["00000", "05000"]), tmp_path / "shards"
+    prep(images, out, labels=shared_data / "deepfashion-attr", crop_bbox=True)
+    stored = {i["path"]: Shard(out / i["shard"]).item(i["row"]) for i in live_items(out)}
+    assert (stored["00000.jpg"].width, stored["00000.jpg"].height) == (165 - 62, 300 - 62)   # train_bbox row 1
+    assert (stored["05000.jpg"].width, stored["05000.jpg"].height) == (139 - 60, 269 - 50)   # val_bbox row 1
+
+
+def test_bad_file_zoo_each_recorded_with_its_reason_the_rest_processed(tmp_path):
+    images, out = tmp_path / "zoo", tmp_path / "shards"
+    expected = bad_images.make_bad_image_folder(images)
+    report = prep(images, out)
+    assert report.exit_code == 0
+    rejected = {r["path"]: r["reason"] for r in collection_info(out)["rejected"]}
+    live = items_by_path(out)
+    for path, reason in expected.items():
+        if reason is None:
+            assert path in live, path
+        else:
+            assert reason in rejected.get(path, ""), (path, rejected.get(path))
+    assert set(live) | set(rejected) == set(expected)                  # nothing followed nested/loop
+    assert {r["path"] for r in report.rejected} == set(rejected)
+    # Both copies of the same content are items; the detector ran once for them.
+    assert live[bad_images.DUPLICATE_A]["sha256"] == live[bad_images.DUPLICATE_B]["sha256"]
+    assert report.processed == len({i["sha256"] for i in live.values()}) + sum(
+        1 for p in rejected if p != bad_images.DANGLING)
+    upright = Shard(out / live[bad_images.EXIF_ROTATED]["shard"]).item(live[bad_images.EXIF_ROTATED]["row"])
+    assert (upright.width, upright.height) == bad_images.EXIF_ROTATED_UPRIGHT_SIZE
+    assert prep(images, out, strict=True).exit_code == 1                 # --strict: rejected files fail the run
+
+
+def test_nothing_processable_is_a_failure(tmp_path):
+    images = tmp_path / "img"
+    images.mkdir()
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.jpg").write_text("not a photo")
+    report = prep(images, tmp_path / "shards")
+    assert report.exit_code == 1 and report.counts["rejected"] == 2
+    (tmp_path / "none").mkdir()
+    assert prep(tmp_path / "none", tmp_path / "shards2").exit_code == 1     # no image at all
+
+
+def test_jobs_2_gives_the_same_items_as_one_job(tmp_path, shared_data):
+    images = copy_photos(shared_data, tmp_path / "img", SUBSET[:6])
+    prep(images, tmp_path / "one")
+    prep(images, tmp_path / "two", jobs=2, shard_size=2)
+    one, two = items_by_path(tmp_path / "one"), items_by_path(tmp_path / "two")
+    assert {p: (i["sha256"], i["has_pose"]) for p, i in one.items()} == \
+        {p: (i["sha256"], i["has_pose"]) for p, i in two.items()}
+    for path in one:
+        a = Shard(tmp_path / "one" / one[path]["shard"]).item(one[path]["row"])
+        b = Shard(tmp_path / "two" / two[path]["shard"]).item(two[path]["row"])
+        np.testing.assert_allclose(a.keypoints, b.keypoints, atol=0.5)
+
+
+def test_dask_backend_against_a_local_cluster(tmp_path, shared_data):
+    from distributed import LocalCluster
+
+    images = copy_photos(shared_data, tmp_path / "img", SUBSET[:5])
+    prep(images, tmp_path / "local")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
+                      dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://")
+        report = prep(images, tmp_path / "dask", backend="dask", scheduler=cluster.scheduler_address, shard_size=2)
+    assert report.processed == 5 and report.exit_code == 0
+    local, dask = items_by_path(tmp_path / "local"), items_by_path(tmp_path / "dask")
+    assert {p: (i["sha256"], i["has_pose"]) for p, i in local.items()} == \
+        {p: (i["sha256"], i["has_pose"]) for p, i in dask.items()}
+    assert catalog_problems(tmp_path / "dask", images) == []
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+def start(images: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([VSAM, "prep-pose", "--images", str(images), "--out", str(out), "--no-progress", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def wait_for_lock(process: subprocess.Popen, out: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not lock.is_locked(out):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the run never took its lock"
+        time.sleep(0.02)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)    # the run and its workers, as a crash would
+    process.communicate()
+
+
+@pytest.fixture(scope="module")
+def kill_catalog(tmp_path_factory, shared_data) -> Path:
+    return copy_photos(shared_data, tmp_path_factory.mktemp("kill") / "img", [f"{n:05d}" for n in range(24)])
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_kill_9_at_a_random_instant_then_rerun_gives_every_image_exactly_once(tmp_path, kill_catalog, trial):
+    out = tmp_path / "shards"
+    rng = random.Random(trial)
+    process = start(kill_catalog, out, "--shard-size", "3", "--jobs", "2" if trial == 2 else "1")
+    wait_for_lock(process, out)
+    time.sleep(rng.uniform(0.0, 2.0))      # from the lock to the last commits of this catalog
+    finished = process.poll() is not None
+    kill_group(process)
+    for shard in out.glob("shard-*.h5"):     # whatever a reader can open is complete
+        assert verify_shard(shard) == [], shard
+    survivors = {i["path"] for i in live_items(out)} if (out / "index.sqlite").exists() else set()
+    report = prep(kill_catalog, out, shard_size=3)
+    assert report.counts["new"] == 24 - len(survivors) and report.counts["unchanged"] == len(survivors)
+    assert catalog_problems(out, kill_catalog) == [], (trial, finished)
+    assert sorted(items_by_path(out)) == sorted(p.name for p in kill_catalog.iterdir())
+
+
+def test_two_concurrent_runs_the_second_exits_75_and_a_killed_run_blocks_nothing(tmp_path, kill_catalog):
+    out = tmp_path / "shards"
+    first = start(kill_catalog, out, "--shard-size", "4")
+    wait_for_lock(first, out)
+    second = subprocess.run([VSAM, "prep-pose", "--images", str(kill_catalog), "--out", str(out)],
+                            capture_output=True, text=True, timeout=60)
+    still_running = first.poll() is None
+    assert second.returncode == 75, second.stderr
+    assert "another vsam prep-pose run is active (pid" in second.stderr
+    assert still_running, "the first run ended before the second started: the overlap was not tested"
+    kill_group(first)
+    # The kernel dropped the killed run's lock: the next run goes ahead and completes the catalog.
+    assert prep(kill_catalog, out).exit_code == 0
+    assert catalog_problems(out, kill_catalog) == []
+
+
+def test_a_held_lock_blocks_at_once(tmp_path, kill_catalog):
+    out = tmp_path / "shards"
+    out.mkdir()
+    with lock.exclusive(out):
+        started = time.monotonic()
+        with pytest.raises(lock.Busy, match=f"pid {os.getpid()}"):
+            prep(kill_catalog, out)
+        assert time.monotonic() - started < 1.0
+    assert not lock.is_locked(out)
+    assert shard_name(1) == "shard-000001.h5"

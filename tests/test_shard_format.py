@@ -1,0 +1,160 @@
+"""The shard format: real HDF5 files and a real SQLite index, written and read back."""
+from __future__ import annotations
+
+import io
+import json
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from pose_prep import shard_format as sf
+from pose_prep.keypoints import NUM_JOINTS
+
+
+def _jpeg(colour: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 32), (colour, 255 - colour, 40)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _items(n: int, split: str = "train") -> list[sf.ShardItem]:
+    rng = np.random.default_rng(n)
+    return [sf.ShardItem(image=_jpeg(40 * i), heatmap=rng.integers(0, 256, (56, 56), dtype=np.uint8),
+                         keypoints=rng.random((NUM_JOINTS, 3), dtype=np.float32) * 100, has_pose=i % 2 == 0,
+                         category=i - 1, attributes=np.array([1, 0, -1], np.int8), split=split,
+                         path=f"shop/ünï_{i}.jpg", sha256=f"{i:064x}", width=24 + i, height=32)
+            for i in range(n)]
+
+
+METADATA = sf.ShardMetadata(
+    vocabulary=sf.Vocabulary(categories=["Tee", "Jeans"], category_types=[1, 2], attributes=["a", "b", "c"],
+                             attribute_groups=["g", "g", ""]),
+    heatmap={"size": [56, 56], "sigma": 1.5}, detector="blazepose", detector_version="test-1",
+    image_encoding={"format": "jpeg", "max_side": 256, "quality": 90})
+
+
+def _collection(folder, counts=(3, 2)) -> list[list[sf.ShardItem]]:
+    """Shards written and committed the way prep-pose does it."""
+    written = []
+    folder.mkdir(parents=True, exist_ok=True)
+    with sf.open_index(folder) as connection:
+        sf.write_collection_metadata(connection, METADATA)
+        for n in counts:
+            items = _items(n, split="val" if n == 2 else "train")
+            items = [sf.ShardItem(**{**item.__dict__, "path": f"{n}/{item.path}"}) for item in items]
+            number = sf.next_shard_number(folder, connection)
+            sf.write_shard(folder / sf.shard_name(number), items, METADATA)
+            sf.commit_shard(connection, number, [
+                sf.FileRecord(i.path, 1, 1, i.sha256, "ok" if i.has_pose else "no_person", split=i.split)
+                for i in items])
+            written.append(items)
+    return written
+
+
+def test_round_trip(tmp_path):
+    items = _items(3)
+    sf.write_shard(tmp_path / "shard-000001.h5", items, METADATA)
+    with sf.Shard(tmp_path / "shard-000001.h5") as shard:
+        assert len(shard) == 3 and shard.vocabulary == METADATA.vocabulary
+        data = shard.read()
+        for row, item in enumerate(items):
+            back = shard.item(row)
+            assert back.image == item.image == shard.image(row, data["image_offsets"])
+            np.testing.assert_array_equal(back.heatmap, item.heatmap)
+            np.testing.assert_array_equal(back.keypoints, item.keypoints)
+            np.testing.assert_array_equal(back.attributes, item.attributes)
+            assert (back.path, back.sha256, back.split, back.has_pose, back.category, back.width) == \
+                (item.path, item.sha256, item.split, item.has_pose, item.category, item.width)
+        attrs = shard.attrs()
+        assert attrs["schema_version"] == sf.SCHEMA_VERSION and attrs["detector"] == "blazepose"
+        assert set(json.loads(attrs["checksums"])) == set(sf.ITEM_DATASETS)
+        with pytest.raises(IndexError):
+            shard.item(3)
+    assert sf.verify_shard(tmp_path / "shard-000001.h5") == []
+    assert not list(tmp_path.glob(".*.tmp"))            # the temporary file was renamed
+
+
+def test_no_pickle_anywhere(tmp_path):
+    sf.write_shard(tmp_path / "shard-000001.h5", _items(2), METADATA)
+    with h5py.File(tmp_path / "shard-000001.h5") as f:
+        for name, dataset in f.items():
+            assert dataset.dtype.kind in "uifS" or h5py.check_string_dtype(dataset.dtype), name
+
+
+def test_unknown_schema_version_is_refused_with_a_clear_message(tmp_path):
+    path = tmp_path / "shard-000001.h5"
+    sf.write_shard(path, _items(1), METADATA)
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 99
+    with pytest.raises(sf.ShardFormatError, match=r"shard-000001.h5: shard schema version 99 is not supported "
+                                                  r"by this vsam \(it reads version 1\)"):
+        len(sf.Shard(path))
+    assert "schema version 99" in sf.verify_shard(path)[0]
+
+    _collection(tmp_path / "c")
+    with sf.open_index(tmp_path / "c") as connection, connection:
+        sf.set_meta(connection, "schema_version", "7")
+    with pytest.raises(sf.ShardFormatError, match="index.sqlite: shard schema version 7 is not supported"):
+        sf.collection_info(tmp_path / "c")
+
+
+def test_live_rows_items_and_info(tmp_path):
+    written = _collection(tmp_path)
+    assert {p.name: rows.tolist() for p, rows in sf.live_rows(tmp_path).items()} == \
+        {"shard-000001.h5": [0, 1, 2], "shard-000002.h5": [0, 1]}
+    assert list(sf.live_rows(tmp_path, ("val",))) == [tmp_path / "shard-000002.h5"]
+    listed = list(sf.live_items(tmp_path))
+    assert [(i["path"], i["shard"], i["row"], i["has_pose"]) for i in listed] == \
+        [(item.path, f"shard-00000{s + 1}.h5", row, item.has_pose)
+         for s, items in enumerate(written) for row, item in enumerate(items)]
+    with sf.open_index(tmp_path) as connection:
+        sf.record_files(connection, [sf.FileRecord("bad.jpg", 0, 1, None, "rejected", reason="empty file (0 bytes)")])
+        sf.retire_files(connection, ["3/shop/ünï_0.jpg"])
+    info = sf.collection_info(tmp_path)
+    assert info["items"] == 4 and info["splits"] == {"train": 2, "val": 2, "test": 0, "none": 0}
+    assert (info["with_pose"], info["without_pose"]) == (2, 2)
+    assert info["vocabulary"]["categories"] == ["Tee", "Jeans"] and info["detector"] == "blazepose"
+    assert info["rejected"] == [{"path": "bad.jpg", "reason": "empty file (0 bytes)"}]
+    assert sf.collection_vocabulary(tmp_path) == METADATA.vocabulary
+    assert sf.verify_collection(tmp_path) == []
+
+
+def test_orphans_and_dead_shards_are_removed(tmp_path):
+    _collection(tmp_path)
+    orphan = tmp_path / "shard-000007.h5"                 # renamed, never committed
+    sf.write_shard(orphan, _items(1), METADATA)
+    (tmp_path / ".shard-000008.h5.tmp").write_bytes(b"partial")
+    problems = sf.verify_collection(tmp_path)
+    assert any("shard-000007.h5: shard file not listed" in p for p in problems)
+    assert any(".shard-000008.h5.tmp: temporary file" in p for p in problems)
+    with sf.open_index(tmp_path) as connection:
+        assert sf.next_shard_number(tmp_path, connection) == 8   # past every listed or renamed file
+        sf.retire_files(connection, [f"2/shop/ünï_{i}.jpg" for i in range(2)])   # shard 2 now unused
+        removed = {p.name for p in sf.remove_orphans(tmp_path, connection)}
+    assert removed == {"shard-000007.h5", ".shard-000008.h5.tmp", "shard-000002.h5"}
+    assert sorted(p.name for p in tmp_path.glob("shard-*.h5")) == ["shard-000001.h5"]
+    assert sf.verify_collection(tmp_path) == []
+
+
+def test_verify_names_a_flipped_byte_and_an_index_mismatch(tmp_path):
+    _collection(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    with h5py.File(path) as f:
+        offset = f["image_bytes"].id.get_offset() + 100
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert sf.verify_collection(tmp_path) == [f"{path}: dataset image_bytes does not match its checksum"]
+
+    _collection(tmp_path / "b")
+    with sf.open_index(tmp_path / "b") as connection, connection:
+        connection.execute("UPDATE files SET sha256='0' WHERE path='2/shop/ünï_1.jpg'")
+        connection.execute("UPDATE files SET row=9 WHERE path='3/shop/ünï_2.jpg'")
+    problems = sf.verify_collection(tmp_path / "b")
+    assert len(problems) == 2
+    assert "shard-000002.h5: row 1 holds" in problems[1] and "the index says ('2/shop/ünï_1.jpg', '0'" in problems[1]
+    assert "shard-000001.h5: index row 9 of 3/shop/ünï_2.jpg is outside 0..2" in problems[0]
+    (tmp_path / "b/shard-000002.h5").unlink()
+    assert f"{tmp_path / 'b/shard-000002.h5'}: listed in the index but missing" in sf.verify_collection(tmp_path / "b")
