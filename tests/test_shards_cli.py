@@ -1,0 +1,101 @@
+"""`vsam shards info | list | verify` and the prep-pose command line, on a small real collection."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import h5py
+import pytest
+from click.testing import CliRunner
+
+from cli import EXIT_FAILED, main
+
+# Train, val, test and two images that no split file lists.
+NUMBERS = ["00007", "00008", "00009", "05002", "05003", "05004", "06001", "06002", "05700", "05701"]
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory, shared_data) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    images = root / "img"
+    images.mkdir()
+    for number in NUMBERS:
+        shutil.copyfile(shared_data / f"deepfashion-attr/img/{number}.jpg", images / f"{number}.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    result = CliRunner().invoke(main, ["prep-pose", "--images", str(images), "--labels",
+                                       str(shared_data / "deepfashion-attr"), "--out", str(root / "shards"),
+                                       "--shard-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "prep-pose: 10 new" in result.output and "1 rejected" in result.output
+    return root / "shards"
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def split_counts_from_split_files(shared_data: Path) -> dict[str, int]:
+    listed = {}
+    for split in ("train", "val", "test"):
+        for line in (shared_data / f"deepfashion-attr/split/{split}.txt").read_text().split():
+            listed[Path(line).stem] = split
+    counts = dict.fromkeys(("train", "val", "test", "none"), 0)
+    for number in NUMBERS:
+        counts[listed.get(number, "none")] += 1
+    return counts
+
+
+def test_info_matches_the_split_files(collection, shared_data):
+    result = invoke("shards", "info", str(collection))
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert info["splits"] == split_counts_from_split_files(shared_data) == {"train": 3, "val": 3, "test": 2, "none": 2}
+    assert info["items"] == 10 and info["with_pose"] + info["without_pose"] == 10 and info["with_pose"] >= 5
+    assert info["schema_version"] == 1 and info["detector"] == "blazepose" and info["detector_version"]
+    assert info["vocabulary"]["attribute_groups"][:8] == ["texture"] * 7 + ["sleeve"]
+    assert info["vocabulary"]["exclusive_groups"] is True
+    assert info["heatmap"]["size"] == [56, 56]
+    assert len(info["rejected"]) == 1 and info["rejected"][0]["path"] == "broken.jpg"
+    assert "truncated" in info["rejected"][0]["reason"] or "corrupt" in info["rejected"][0]["reason"]
+
+
+def test_list_prints_one_json_line_per_live_item(collection):
+    result = invoke("shards", "list", str(collection))
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert sorted(line["path"] for line in lines) == sorted(f"{n}.jpg" for n in NUMBERS)
+    assert all(set(line) == {"path", "sha256", "split", "has_pose", "shard", "row"} for line in lines)
+    assert {(line["shard"], line["row"]) for line in lines} == {(f"shard-00000{i // 4 + 1}.h5", i % 4)
+                                                                 for i in range(10)}
+
+
+def test_verify_passes_then_names_a_flipped_byte(collection, tmp_path):
+    assert invoke("shards", "verify", str(collection)).exit_code == 0
+    broken = tmp_path / "shards"
+    shutil.copytree(collection, broken)
+    path = broken / "shard-000002.h5"
+    with h5py.File(path) as f:
+        offset = f["keypoints"].id.get_offset() + 5
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = invoke("shards", "verify", str(broken))
+    assert result.exit_code == EXIT_FAILED
+    assert f"broken: {path}: dataset keypoints does not match its checksum" in result.output
+
+    (broken / "shard-000003.h5").unlink()
+    result = invoke("shards", "verify", str(broken))
+    assert result.exit_code == EXIT_FAILED and "shard-000003.h5: listed in the index but missing" in result.output
+
+
+def test_not_a_collection_is_a_clear_error(tmp_path):
+    result = invoke("shards", "info", str(tmp_path))
+    assert result.exit_code == EXIT_FAILED and "no shard index here" in result.output
+
+
+def test_bad_labels_stop_prep_pose_before_anything_is_written(tmp_path, shared_data):
+    (tmp_path / "labels.csv").write_text("path,split\na.jpg,holdout\n")
+    result = invoke("prep-pose", "--images", str(shared_data / "deepfashion-attr/img"), "--labels",
+                    str(tmp_path / "labels.csv"), "--out", str(tmp_path / "shards"))
+    assert result.exit_code == EXIT_FAILED and "labels.csv:2: split 'holdout'" in result.output
+    assert not list((tmp_path / "shards").glob("shard-*.h5")) and not (tmp_path / "shards/index.sqlite").exists()
