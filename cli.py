@@ -269,6 +269,89 @@ def train(shards, out, config_file, model, epochs, batch_size, width, image_size
 
 # --- eval, predict, explain, export, experiment (vsam_train) ----------------------------------
 
+_CHECKPOINT = click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+                           help="A checkpoint of `vsam train` (e.g. RUN/checkpoints/last.pt).")
+_DEVICE = click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when present.")
+
+
+def _inference_errors():
+    """The exceptions that mean 'this checkpoint, data or folder cannot be used' (exit 1)."""
+    from pose_prep.shard_format import ShardFormatError
+    from vsam_train.checkpoint import CheckpointError
+
+    return CheckpointError, ShardFormatError, FileNotFoundError, ValueError, RuntimeError, OSError
+
+
+@main.command("eval")
+@_CHECKPOINT
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard folder written by `vsam prep-pose` (the same vocabulary as the checkpoint's).")
+@click.option("--split", default="val", show_default=True, type=click.Choice(["train", "val", "test", "none"]))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every metric to this file.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default: the checkpoint's eval/train batch size.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader worker processes.")
+@click.option("--per-attribute", is_flag=True, help="Also print a table row per attribute.")
+@_DEVICE
+def eval_command(checkpoint, shards, split, json_out, batch_size, workers, per_attribute, device) -> None:
+    """Score a checkpoint on one split: P@k, R@k, F1@k (macro and weighted), AP, DeepFashion top-3/5
+    recall per attribute group, group top-1 and category top-1/5 accuracy, as a table.
+
+    Exit codes: 0 done, 1 the checkpoint or shards cannot be used (unreadable, other vocabulary,
+    empty split), 2 bad options."""
+    from vsam_train.evaluate import EvalError, evaluate_checkpoint, write_json
+    from vsam_train.metrics import format_table
+
+    try:
+        metrics = evaluate_checkpoint(checkpoint, shards, split, batch_size=batch_size, device=device,
+                                      workers=workers)
+    except (EvalError, *_inference_errors()) as error:
+        click.echo(f"vsam eval: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"{metrics['model']} epoch {metrics['epoch']} on {shards} split {split}")
+    click.echo(format_table(metrics, per_attribute=per_attribute))
+    if json_out:
+        write_json(metrics, json_out)
+        click.echo(f"metrics: {json_out}")
+
+
+@main.command("predict")
+@_CHECKPOINT
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of photos, searched recursively (jpg, jpeg, png, webp, bmp).")
+@click.option("--out", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
+              help="JSON Lines file, one line per image ('-': stdout).")
+@click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Attributes scoring at least this are listed in \"predicted\".")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
+              help="Processes decoding images (0: in the main process).")
+@click.option("--strict", is_flag=True, help="Exit 1 when any file could not be used.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@_DEVICE
+def predict_command(checkpoint, images, out, threshold, batch_size, workers, strict, progress, device) -> None:
+    """Category and attribute scores for every photo under --images; no pose detector is needed.
+
+    Each line: {"path", "category", "category_prob", "attributes": {name: score}, "predicted": [names],
+    "groups" (exclusive groups only)}; a bad file gets {"path", "error"} and a line on stderr, and the
+    run goes on. Exit codes: 0 done (also when some files were bad), 1 no image could be predicted,
+    or --strict and a file was bad, or the checkpoint cannot be used; 2 bad options."""
+    from vsam_train.predict import predict_to_file
+
+    try:
+        summary = predict_to_file(checkpoint, images, out, threshold=threshold, batch_size=batch_size,
+                                  device=device, workers=workers,
+                                  progress=sys.stderr.isatty() if progress is None else progress)
+    except _inference_errors() as error:
+        click.echo(f"vsam predict: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"vsam predict: {summary.line()}" + (f" -> {out}" if out != "-" else ""), err=True)
+    if summary.n_predicted == 0:
+        click.echo(f"vsam predict: no image under {images} could be predicted", err=True)
+        sys.exit(EXIT_FAILED)
+    if strict and summary.n_failed:
+        click.echo("vsam predict: failed: --strict and some files could not be used", err=True)
+        sys.exit(EXIT_FAILED)
+
 
 if __name__ == "__main__":
     sys.exit(main())

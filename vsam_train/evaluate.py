@@ -1,0 +1,104 @@
+"""`vsam eval`: a checkpoint's metrics on one split of a shard collection.
+
+The per-item scores come from `train.evaluate` (the loop that validates during training), the
+metrics from `metrics.compute_metrics`; this module only wires a checkpoint and a collection to
+them and writes the result. In the JSON file, undefined values (NaN in `compute_metrics`) are
+written as null, so that any JSON reader accepts it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_for_inference
+from .data import ShardStream, make_loader
+from .losses import VsamLoss
+from .metrics import compute_metrics
+from .train import evaluate
+
+
+class EvalError(RuntimeError):
+    """The checkpoint and the collection cannot be evaluated together; the message says why."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val", *, batch_size: int | None = None,
+                  device: str | None = None, workers: int = 0) -> tuple[dict, dict]:
+    """(train.evaluate's result, load_for_inference's info) for every item of `split`.
+
+    The result holds "attribute_scores" (N, A) sigmoid probabilities, "attribute_labels",
+    "category_logits", "category_labels", "paths" (in stored order), losses and "attention_mse"."""
+    device = torch.device(device or default_device())
+    model, info = load_for_inference(checkpoint, device)
+    config = info["config"]
+    decode = "gpu" if device.type == "cuda" and config["data"]["decode"] == "gpu" else "cpu"
+    stream = ShardStream(shards, split, image_size=info["image_size"], train=False, decode=decode,
+                         batch_size=batch_size or config["data"]["eval_batch_size"] or config["train"]["batch_size"])
+    check_vocabulary(info["vocabulary"], stream.vocabulary, checkpoint, shards)
+    if stream.n_items == 0:
+        raise EvalError(f"{shards}: split {split!r} holds no items")
+    criterion = VsamLoss.from_config(config["loss"])
+    loader = make_loader(stream, workers, pin_memory=device.type == "cuda")
+    return evaluate(model, criterion, loader, device, config=config), info
+
+
+def check_vocabulary(trained, collection, checkpoint, shards) -> None:
+    """The columns of the checkpoint's outputs must mean what the collection's labels mean."""
+    for field in ("attributes", "categories"):
+        ours, theirs = getattr(trained, field), getattr(collection, field)
+        if ours != theirs:
+            raise EvalError(f"{checkpoint} was trained on {len(ours)} {field} that differ from the "
+                            f"{len(theirs)} of {shards} (first difference: {_first_difference(ours, theirs)})")
+
+
+def _first_difference(a: list, b: list) -> str:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return f"#{i} {x!r} vs {y!r}"
+    return f"#{min(len(a), len(b))} present in only one of them"
+
+
+def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str = "val", *,
+                        batch_size: int | None = None, device: str | None = None, workers: int = 0) -> dict:
+    """Every metric of `compute_metrics`, plus what was evaluated and the validation losses."""
+    result, info = predict_split(checkpoint, shards, split, batch_size=batch_size, device=device, workers=workers)
+    if result["attribute_scores"] is None:
+        raise EvalError(f"{checkpoint}: the model has no attribute head, nothing to evaluate")
+    category_logits = result["category_logits"]
+    metrics = compute_metrics(result["attribute_scores"], result["attribute_labels"], info["vocabulary"],
+                              category_logits, result["category_labels"] if category_logits is not None else None)
+    metrics.update({
+        "checkpoint": str(checkpoint), "model": info["model_name"], "epoch": info["epoch"], "step": info["step"],
+        "shards": str(shards), "split": split, "image_size": info["image_size"],
+        "loss": result["loss"], "attribute_loss": result["attribute_loss"],
+        "category_loss": result["category_loss"], "heatmap_loss": result["heatmap_loss"],
+        "attention_mse": result["attention_mse"],
+    })
+    return metrics
+
+
+def without_nan(value):
+    """NaN → None, recursively: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    return value
+
+
+def write_json(data: dict, path: str | Path) -> None:
+    """Strict JSON (NaN written as null), replaced atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(without_nan(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
+    os.replace(temporary, path)
