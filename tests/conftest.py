@@ -16,6 +16,27 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def auto_detector():
+    """The real `auto` detector (BlazePose, then YOLO), built once per test session."""
+    from pose_prep.detectors import make_detector
+
+    return make_detector("auto")
+
+
+@pytest.fixture(scope="session")
+def blazepose_detector(auto_detector):
+    """Real BlazePose (the instance inside `auto_detector`: one model load per session)."""
+    return auto_detector.blazepose
+
+
+@pytest.fixture(scope="session")
+def yolo_detector(auto_detector):
+    """Real YOLO11n-pose (the instance inside `auto_detector`)."""
+    assert auto_detector.yolo is not None, "the yolo extra is part of the test environment"
+    return auto_detector.yolo
+
+
 def _write_attr_challenge_subset(source: Path, folder: Path, counts: dict[str, int]) -> None:
     """The first `counts[split]` labelled images of each split of ../shared/data/deepfashion-attr,
     copied with their label rows into `folder` in the same attribute-challenge layout."""
@@ -45,3 +66,15 @@ def df_shards(tmp_path_factory, shared_data) -> Path:
     report = run(PrepOptions(images=images, labels=images, out=out, shard_size=40, max_side=128, progress=False))
     assert report.exit_code == 0, report
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a busy 2-core machine: one intra-op thread avoids OpenMP oversubscription
+    (which makes a 30 ms step take seconds); the previous setting is restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
