@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +50,9 @@ def preprocess(rgb: np.ndarray, image_size: int) -> torch.Tensor:
     normalised with ImageNet's MEAN and STD. Training and inference both go through this."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
-    return preprocess_tensor(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1), image_size)
+    if not (rgb.flags.writeable and rgb.flags.c_contiguous):   # e.g. a view of a PIL image
+        rgb = np.array(rgb, order="C")
+    return preprocess_tensor(torch.from_numpy(rgb).permute(2, 0, 1), image_size)
 
 
 def preprocess_tensor(image: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -116,9 +120,19 @@ def draw_augmentation(rng: np.random.Generator, augment: dict | None) -> np.ndar
 def decode_on_device(batch: dict, image_size: int, device: torch.device | str) -> torch.Tensor:
     """Images of a batch produced with decode="gpu": nvjpeg-decodes its "encoded" JPEG bytes on
     `device` and augments them there; returns (B, 3, S, S) normalised on `device`."""
-    images = decode_jpeg(batch["encoded"], mode=ImageReadMode.RGB, device=device)
+    with _quiet_codecs():
+        images = decode_jpeg(batch["encoded"], mode=ImageReadMode.RGB, device=device)
     params = batch["augmentation"]
     return torch.stack([augmented_image(image, params[i], image_size) for i, image in enumerate(images)])
+
+
+@contextmanager
+def _quiet_codecs():
+    """torchvision 0.29 deprecates its image codecs for TorchCodec's, warning at every call; they are
+    still the ones that decode batches with nvjpeg, and a GPU machine's older torchvision is silent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 # --- the collection ----------------------------------------------------------------------------
@@ -248,7 +262,8 @@ class ShardStream(IterableDataset):
 
 def _decode_item(data: torch.Tensor, path: str) -> torch.Tensor:
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        with _quiet_codecs():
+            return decode_image(data, mode=ImageReadMode.RGB)
     except RuntimeError as error:
         raise ShardFormatError(f"{path}: stored image cannot be decoded ({error})") from None
 

@@ -44,15 +44,36 @@ class InverseTimeDecay:
         return 1.0 / (1.0 + self.decay * step)
 
 
+# Settings that a resumed run may change: they do not change what it computes.
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.cpu_threads", "train.keep_epoch_checkpoints",
+                     "data.num_workers")
+
+
 def resolve_run_config(out: str | Path, config_file: str | Path | None, overrides: dict, resume: bool) -> dict:
-    """The config of a run: with `resume`, the run folder's own config.yaml (a different file is
-    refused), else the given file (or the defaults); CLI overrides on top of either."""
+    """The config of a run: the given file (or the defaults) with the CLI overrides on top. With
+    `resume`, the run folder's own config.yaml is the base when no file is given, and a given file
+    must agree with it except for RESUMABLE_CHANGES (the same command plus --resume just works)."""
     saved = Path(out) / "config.yaml"
-    if resume and saved.exists():
-        if config_file is not None and Path(config_file).resolve() != saved.resolve():
-            raise ConfigError(f"--resume continues {out} with its own {saved}; drop --config {config_file}")
+    if not (resume and saved.exists()):
+        return load_config(config_file, overrides)
+    if config_file is None:
         return load_config(saved, overrides)
-    return load_config(config_file, overrides)
+    config, before = load_config(config_file, overrides), load_config(saved)
+    changed = [key for key in _differences(before, config) if key not in RESUMABLE_CHANGES]
+    if changed:
+        raise ConfigError(f"--resume: {config_file} (with the options given) differs from the run's {saved} in "
+                          f"{', '.join(changed)}; resume without --config to continue the run as it was")
+    return config
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in a:
+        if isinstance(a[key], dict) and isinstance(b.get(key), dict):
+            keys += _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a[key] != b.get(key):
+            keys.append(prefix + key)
+    return keys
 
 
 # --- setup -------------------------------------------------------------------------------------

@@ -1,0 +1,46 @@
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from vsam_train.checkpoint import (CheckpointError, load_checkpoint, restore_rng_states, rng_states,
+                                   save_checkpoint)
+
+
+def test_save_is_atomic_and_load_is_weights_only(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    state = {"model": {"w": torch.arange(4.0)}, "epoch": 3, "config": {"a": [1, 2.5, "x", None]}, "rng": rng_states()}
+    save_checkpoint(path, state)
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]      # no temporary file left
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["config"] == state["config"]
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("pickled code ran",))
+
+
+def test_a_pickle_with_code_or_a_damaged_file_is_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": Payload()}, evil, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="evil.pt: not a readable vsam checkpoint"):
+        load_checkpoint(evil)
+    save_checkpoint(tmp_path / "cut.pt", {"w": torch.zeros(1000)})
+    data = (tmp_path / "cut.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    save_checkpoint(tmp_path / "c.pt", {"rng": rng_states()})
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_states(load_checkpoint(tmp_path / "c.pt")["rng"])
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]

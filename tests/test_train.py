@@ -1,0 +1,152 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from cli import main as vsam
+from pose_prep.images import load
+from pose_prep.shard_format import live_items
+from vsam_train.checkpoint import load_checkpoint, load_for_inference
+from vsam_train.config import load_config
+from vsam_train.data import preprocess
+from vsam_train.models import create_model
+from vsam_train.train import RunFolderError, build_optimizer, main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
+BIN = Path(sys.executable).parent
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_tiny_training_on_real_shards_lowers_the_loss_and_leaves_a_complete_run_folder(df_shards, tmp_path, shared_data):
+    config = load_config(TINY, {"train.epochs": 3, "train.batch_size": 16, "train.log_every": 2,
+                                "data.num_workers": 0, "data.max_val_batches": None})
+    run = tmp_path / "run"
+    summary = main(config, df_shards, run, device="cpu")
+
+    metrics = _lines(run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3] and summary["epochs"] == metrics
+    assert metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+    for m in metrics:
+        assert m["train_images"] == 96 and m["val_items"] == 24 and np.isfinite(m["val_loss"])
+        assert 0 <= m["val_top3_recall"] <= m["val_top5_recall"] <= 1 and m["train_heatmap_loss"] > 0
+    assert [s["step"] for s in _lines(run / "steps.jsonl")] == list(range(2, 19, 2))
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert yaml.safe_load((run / "config.yaml").read_text()) == config
+
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["step"], state["model_name"]) == (3, 18, "vsam")
+    assert state["scheduler"]["last_epoch"] == 18 and len(state["optimizer"]["state"]) > 0
+    model, info = load_for_inference(run / "checkpoints" / "last.pt")
+    assert not model.training and info["image_size"] == 64 and len(info["vocabulary"].attributes) == 26
+    assert info["vocabulary"].group_names[1] == "sleeve" and info["config"] == config
+    _, image = load(shared_data / "deepfashion-attr" / "img" / "05000.jpg")
+    with torch.no_grad():
+        out = model(preprocess(image.rgb, info["image_size"])[None])
+    assert out["attributes"].shape == (1, 26) and out["attention"].shape == (1, 1, 16, 16)
+
+    with pytest.raises(RunFolderError, match="pass --resume"):
+        main(config, df_shards, run, device="cpu")
+    config["train"]["epochs"] = 4                     # resuming a finished run extends it
+    main(config, df_shards, run, resume=True, device="cpu")
+    assert [m["epoch"] for m in _lines(run / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_learning_rate_follows_keras_inverse_time_decay():
+    model = create_model("vgg16", 0, 3, width=1 / 16, image_size=32)
+    optimizer, scheduler = build_optimizer(model, load_config(None, {"optim.decay": 0.01}))
+    for step in range(5):
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 / (1 + 0.01 * step), rel=1e-12)
+        optimizer.step()
+        scheduler.step()
+
+
+def _train_command(shards: Path, out: Path, *extra: str) -> list[str]:
+    settings = ["train.deterministic=true", "train.epochs=3", "train.batch_size=8", "train.max_steps_per_epoch=null",
+                "train.log_every=1", "train.keep_epoch_checkpoints=true", "data.num_workers=1",
+                "data.max_val_batches=1"]
+    return [str(BIN / "vsam"), "train", "--shards", str(shards), "--out", str(out), "--config", str(TINY),
+            "--device", "cpu", *[arg for s in settings for arg in ("--set", s)], *extra]
+
+
+def test_sigkill_mid_epoch_then_resume_ends_with_the_weights_of_an_uninterrupted_run(df_shards, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    uninterrupted = subprocess.Popen(_train_command(df_shards, whole), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+    victim = subprocess.Popen(_train_command(df_shards, killed), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    steps, deadline = killed / "steps.jsonl", time.monotonic() + 120
+    while time.monotonic() < deadline and victim.poll() is None:
+        if steps.exists() and any(s["epoch"] == 2 and s["step"] >= 12 + 2 for s in _lines(steps)):
+            break
+        time.sleep(0.02)
+    assert victim.poll() is None, "the run ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert load_checkpoint(killed / "checkpoints" / "last.pt")["epoch"] == 1       # killed inside epoch 2
+    assert not (killed / "checkpoints" / "epoch-002.pt").exists()
+
+    resumed = subprocess.run(_train_command(df_shards, killed, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert uninterrupted.wait(timeout=300) == 0, uninterrupted.stdout.read().decode()
+
+    expected = load_checkpoint(whole / "checkpoints" / "last.pt")
+    actual = load_checkpoint(killed / "checkpoints" / "last.pt")
+    assert (actual["epoch"], actual["step"]) == (expected["epoch"], expected["step"]) == (3, 36)
+    assert expected["model"].keys() == actual["model"].keys()
+    for key, value in expected["model"].items():
+        assert torch.equal(value, actual["model"][key]), key
+    assert [m["epoch"] for m in _lines(killed / "metrics.jsonl")] == [1, 2, 3]
+    assert [s["step"] for s in _lines(killed / "steps.jsonl")] == list(range(1, 37))
+    whole_metrics, killed_metrics = _lines(whole / "metrics.jsonl"), _lines(killed / "metrics.jsonl")
+    assert [m["train_loss"] for m in whole_metrics] == [m["train_loss"] for m in killed_metrics]
+
+
+def test_ddp_with_torchrun_on_two_cpu_processes_gives_ranks_disjoint_items(df_shards, tmp_path):
+    run = tmp_path / "ddp"
+    settings = ["train.log_items=true", "train.epochs=2", "train.batch_size=8", "train.max_steps_per_epoch=4",
+                "data.num_workers=0", "data.max_val_batches=1"]
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(BIN / "vsam"), "train",
+               "--shards", str(df_shards), "--out", str(run), "--config", str(TINY), "--device", "cpu",
+               *[arg for s in settings for arg in ("--set", s)]]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    train_paths = {i["path"] for i in live_items(df_shards) if i["split"] == "train"}
+    ranks = [_lines(run / "items" / f"rank-{r}.jsonl") for r in (0, 1)]
+    for epoch in (1, 2):
+        seen = [[p for s in steps if s["epoch"] == epoch for p in s["paths"]] for steps in ranks]
+        assert [len([s for s in steps if s["epoch"] == epoch]) for steps in ranks] == [4, 4]   # equal batch counts
+        assert len(seen[0]) == len(seen[1]) == 32
+        assert not set(seen[0]) & set(seen[1])
+        assert set(seen[0]) | set(seen[1]) <= train_paths and len(set(seen[0]) | set(seen[1])) == 64
+    metrics = _lines(run / "metrics.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["train_images"] == 64 for m in metrics)
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
+
+
+def test_cli_refuses_bad_config_and_an_existing_run_with_exit_codes(df_shards, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "a"),
+                                  "--set", "model.depth=3"])
+    assert result.exit_code == 2 and "unknown config key 'model.depth'" in result.output
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "b" / "checkpoints" / "last.pt").write_bytes(b"")
+    result = runner.invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "b"),
+                                  "--config", str(TINY)])
+    assert result.exit_code == 1 and "pass --resume" in result.output
