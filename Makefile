@@ -24,6 +24,9 @@ demo: setup
 	$(BIN)/python -m pose_prep.sample_images $(DEMO)/images
 	$(BIN)/vsam pose --images $(DEMO)/images --out $(DEMO)/pose --overlays
 	@echo "demo: open $(DEMO)/pose/ for keypoints (OpenPose JSON) and overlays (PNG)"
+	$(BIN)/vsam prep-pose --images $(DEMO)/images --out $(DEMO)/shards
+	$(BIN)/vsam shards verify $(DEMO)/shards
+	@echo "demo: $(DEMO)/shards/ holds the HDF5 shards (vsam shards info $(DEMO)/shards)"
 
 test: setup
 	$(BIN)/python -m pytest -q
