@@ -353,5 +353,42 @@ def predict_command(checkpoint, images, out, threshold, batch_size, workers, str
         sys.exit(EXIT_FAILED)
 
 
+@main.command("explain")
+@_CHECKPOINT
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False),
+              help="A second checkpoint (e.g. vgg16) shown beside the first, for the same attributes.")
+@click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Folder of photos, searched recursively.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Gallery folder: index.html, images/.")
+@click.option("--attributes", help="Comma-separated attribute names to explain (default: the top predicted).")
+@click.option("--top", default=1, show_default=True, type=click.IntRange(1),
+              help="Without --attributes: how many of the best-scoring attributes to explain.")
+@click.option("--limit", type=click.IntRange(1), help="Only the first N images (sorted by path).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@_DEVICE
+def explain_command(checkpoint, baseline, images, out, attributes, top, limit, progress, device) -> None:
+    """PNG overlays of Ŝ (VSAM's hallucinated pose attention), CAM of the predicted category (the top
+    attribute without a category head), Grad-CAM and saliency (captum) of chosen attributes, and
+    OUT/index.html, a gallery with the baseline beside the model.
+
+    Exit codes: 0 done (also when some files were bad: listed in the gallery and on stderr), 1 no
+    image could be explained or a checkpoint cannot be used, 2 bad options (unknown attribute)."""
+    from vsam_train.explain import ExplainError, explain_folder
+
+    names = [name.strip() for name in attributes.split(",") if name.strip()] if attributes else None
+    try:
+        summary = explain_folder(checkpoint, images, out, baseline=baseline, attributes=names, top=top, limit=limit,
+                                 device=device, progress=sys.stderr.isatty() if progress is None else progress)
+    except ExplainError as error:
+        raise click.UsageError(str(error)) from None
+    except _inference_errors() as error:
+        click.echo(f"vsam explain: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"vsam explain: {summary.line()}; open {out}/index.html")
+    if summary.n_explained == 0:
+        click.echo(f"vsam explain: no image under {images} could be explained", err=True)
+        sys.exit(EXIT_FAILED)
+
+
 if __name__ == "__main__":
     sys.exit(main())

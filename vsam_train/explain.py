@@ -1,0 +1,303 @@
+"""`vsam explain`: where a model looks, as PNG overlays and an `index.html` gallery.
+
+Per image and model:
+
+* Ŝ, the hallucinated pose attention (VSAM only), shown in absolute terms: it is a sigmoid, so a
+  dark overlay means low attention everywhere;
+* CAM (Zhou et al.) of the predicted category: Σ_k w_ck · F_k over the category head's conv+ReLU
+  features F and its linear layer's weights w. A model without a category head (the DeepFashion
+  attribute subset) shows the CAM of its best-scoring attribute instead, from the attribute head.
+  (The raw map averages to the logit minus the bias, since the head pools by averaging.);
+* Grad-CAM (captum's LayerGradCam, ReLU of the gradient-weighted channel sum) on the output of the
+  attribute head's 3×3 conv, for each chosen attribute;
+* saliency (captum's Saliency: |∂ logit / ∂ pixel|, maximum over the colour channels) for each
+  chosen attribute.
+
+The chosen attributes are `--attributes` or, by default, the `--top` best-scoring attributes of the
+main model for that image; a baseline is explained for the same attributes, so that the two
+columns compare like with like (its CAM is of its own prediction). CAM, Grad-CAM and saliency are
+scaled to their own maximum per picture. Every link in index.html is relative, so the folder can
+be moved or opened anywhere.
+"""
+from __future__ import annotations
+
+import html
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+from pose_prep.images import BadImage, find_images, load
+
+from .checkpoint import load_for_inference
+from .data import preprocess
+
+PANEL_SIZE = 224           # longer side of the pictures written, in pixels
+OVERLAY_ALPHA = 0.5
+COLORMAP = "jet"
+
+
+class ExplainError(ValueError):
+    """Options that cannot be honoured (an unknown attribute, models that do not match)."""
+
+
+@dataclass
+class Panel:
+    title: str
+    file: str                  # relative to the output folder
+    caption: str = ""
+
+
+@dataclass
+class Explanation:
+    label: str                 # the model's column header
+    panels: list[Panel] = field(default_factory=list)
+    summary: str = ""          # its top predictions for this image
+
+
+@dataclass
+class ExplainSummary:
+    n_images: int = 0
+    n_explained: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        return f"{self.n_images} images: {self.n_explained} explained, {len(self.failures)} failed"
+
+
+# --- the maps ----------------------------------------------------------------------------------
+
+def prepare_for_gradients(model: nn.Module) -> nn.Module:
+    """In-place ReLUs off: captum hooks a layer's output, which an in-place ReLU after it would
+    overwrite (the head's conv is followed by one)."""
+    for module in model.modules():
+        if isinstance(module, nn.ReLU):
+            module.inplace = False
+    return model
+
+
+class _HeadLogits(nn.Module):
+    """model(images)[key]: the single-tensor forward that captum expects."""
+
+    def __init__(self, model: nn.Module, key: str):
+        super().__init__()
+        self.model, self.key = model, key
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)[self.key]
+
+
+def class_activation_map(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """CAM: (K, h, w) head features, (K,) linear weights of one output → (h, w), not normalised."""
+    return torch.einsum("khw,k->hw", features, weights)
+
+
+def cam(model: nn.Module, outputs: dict, vocabulary) -> tuple[str, torch.Tensor]:
+    """(what it explains, raw map) for the predicted category, or the top attribute without a category head."""
+    if outputs["category"] is not None:
+        index = int(outputs["category"][0].argmax())
+        probability = float(torch.softmax(outputs["category"][0].float(), 0)[index])
+        return (f"category {vocabulary.categories[index]} ({probability:.2f})",
+                class_activation_map(outputs["category_features"][0], model.category_head.fc.weight[index]))
+    scores = torch.sigmoid(outputs["attributes"][0].float())
+    index = int(scores.argmax())
+    return (f"top attribute {vocabulary.attributes[index]} ({float(scores[index]):.2f})",
+            class_activation_map(outputs["attribute_features"][0], model.attribute_head.fc.weight[index]))
+
+
+def grad_cam(model: nn.Module, images: torch.Tensor, attribute: int) -> torch.Tensor:
+    """captum's Grad-CAM of one attribute logit on the attribute head's conv output → (h, w) ≥ 0."""
+    from captum.attr import LayerGradCam
+
+    explainer = LayerGradCam(_HeadLogits(model, "attributes"), model.attribute_head.conv)
+    return explainer.attribute(images, target=attribute, relu_attributions=True)[0, 0].detach()
+
+
+def saliency(model: nn.Module, images: torch.Tensor, attribute: int) -> torch.Tensor:
+    """captum's Saliency of one attribute logit → (H, W): |gradient|, maximum over colour channels."""
+    from captum.attr import Saliency
+
+    gradients = Saliency(_HeadLogits(model, "attributes")).attribute(images.detach().clone().requires_grad_(), target=attribute,
+                                                                     abs=True)
+    return gradients[0].amax(dim=0).detach()
+
+
+# --- pictures ----------------------------------------------------------------------------------
+
+def display_image(rgb: np.ndarray, size: int = PANEL_SIZE) -> Image.Image:
+    """The photo with its longer side at `size`, aspect kept (the model saw it stretched to a square;
+    maps are stretched back with it)."""
+    image = Image.fromarray(rgb)
+    scale = size / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+
+
+def scaled_to_max(heat: torch.Tensor) -> np.ndarray:
+    """A map shifted to start at 0 and divided by its maximum (all zeros stays zeros)."""
+    heat = heat.detach().float().cpu().numpy()
+    heat = heat - heat.min()
+    peak = heat.max()
+    return heat / peak if peak > 0 else heat
+
+
+def overlay(image: Image.Image, heat: np.ndarray) -> Image.Image:
+    """`heat` (h, w) in [0, 1], resized over `image` and blended in the colour map."""
+    from matplotlib import colormaps
+
+    resized = Image.fromarray(np.ascontiguousarray(heat, np.float32)).resize(image.size, Image.BILINEAR)
+    colours = colormaps[COLORMAP](np.clip(np.asarray(resized), 0, 1))[..., :3]
+    blended = (1 - OVERLAY_ALPHA) * np.asarray(image, np.float32) / 255 + OVERLAY_ALPHA * colours
+    return Image.fromarray(np.clip(blended * 255 + 0.5, 0, 255).astype(np.uint8))
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "x"
+
+
+# --- one image ---------------------------------------------------------------------------------
+
+def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: list[int], folder: Path,
+                  out: Path, key: str, label: str, device: torch.device) -> Explanation:
+    """Write `key`-*.png for one model and image into `folder`; return its gallery column."""
+    vocabulary = info["vocabulary"]
+    images = preprocess(rgb, info["image_size"])[None].to(device)
+    picture = display_image(rgb)
+    explanation = Explanation(label)
+
+    def add(title: str, kind: str, heat: np.ndarray, caption: str = "") -> None:
+        path = folder / f"{key}-{_safe(kind)}.png"
+        overlay(picture, heat).save(path)
+        explanation.panels.append(Panel(title, path.relative_to(out).as_posix(), caption))
+
+    with torch.no_grad():
+        outputs = model(images, return_features=True)
+    explanation.summary = _top_predictions(outputs, vocabulary)
+    if outputs["attention"] is not None:
+        attention = outputs["attention"][0, 0].float().cpu().numpy()
+        add("Ŝ (pose attention)", "attention", attention, f"max {attention.max():.2f}")
+    title, raw = cam(model, outputs, vocabulary)
+    add("CAM", "cam", scaled_to_max(raw), title)
+    if outputs["attributes"] is not None:
+        scores = torch.sigmoid(outputs["attributes"][0].float())
+        for a in attributes:
+            caption = f"{vocabulary.attributes[a]} ({float(scores[a]):.2f})"
+            add("Grad-CAM", f"gradcam-{vocabulary.attributes[a]}", scaled_to_max(grad_cam(model, images, a)), caption)
+            add("saliency", f"saliency-{vocabulary.attributes[a]}", scaled_to_max(saliency(model, images, a)), caption)
+    return explanation
+
+
+def _top_predictions(outputs: dict, vocabulary, n: int = 3) -> str:
+    parts = []
+    if outputs["category"] is not None:
+        probabilities = torch.softmax(outputs["category"][0].float(), 0)
+        index = int(probabilities.argmax())
+        parts.append(f"{vocabulary.categories[index]} {float(probabilities[index]):.2f}")
+    if outputs["attributes"] is not None:
+        scores = torch.sigmoid(outputs["attributes"][0].float())
+        best = torch.argsort(scores, descending=True, stable=True)[:n].tolist()
+        parts += [f"{vocabulary.attributes[a]} {float(scores[a]):.2f}" for a in best]
+    return ", ".join(parts)
+
+
+def chosen_attributes(names: list[str] | None, top: int, model: nn.Module, info: dict, rgb: np.ndarray,
+                      device: torch.device) -> list[int]:
+    vocabulary = info["vocabulary"]
+    if names:
+        return [vocabulary.attributes.index(name) for name in names]
+    if not vocabulary.attributes:
+        return []
+    with torch.no_grad():
+        logits = model(preprocess(rgb, info["image_size"])[None].to(device))["attributes"][0]
+    return torch.argsort(logits.float(), descending=True, stable=True)[:top].tolist()
+
+
+# --- the folder --------------------------------------------------------------------------------
+
+def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, *, baseline: str | Path | None = None,
+                   attributes: list[str] | None = None, top: int = 1, limit: int | None = None,
+                   device: str | None = None, progress: bool = True, errors=sys.stderr) -> ExplainSummary:
+    """Explain every image under `images` (the first `limit`), write the PNGs and index.html to `out`."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = [("model", *load_for_inference(checkpoint, device))]
+    if baseline is not None:
+        models.append(("baseline", *load_for_inference(baseline, device)))
+    vocabulary = models[0][2]["vocabulary"]
+    for _, _, info in models[1:]:
+        if info["vocabulary"].attributes != vocabulary.attributes:
+            raise ExplainError(f"{baseline} predicts other attributes than {checkpoint}: they cannot be compared")
+    unknown = [name for name in attributes or [] if name not in vocabulary.attributes]
+    if unknown:
+        raise ExplainError(f"unknown attribute(s) {', '.join(unknown)}; {checkpoint} knows "
+                           f"{', '.join(vocabulary.attributes)}")
+    for _, model, _ in models:
+        prepare_for_gradients(model)
+    labels = {"model": f"{models[0][2]['model_name']} ({Path(checkpoint).name})"}
+    if baseline is not None:
+        labels["baseline"] = f"baseline: {models[1][2]['model_name']} ({Path(baseline).name})"
+
+    root, out = Path(images), Path(out)
+    paths = find_images(root)[:limit]
+    out.mkdir(parents=True, exist_ok=True)
+    summary = ExplainSummary(n_images=len(paths))
+    rows = []
+    for number, path in enumerate(tqdm(paths, desc="explain", unit="img", disable=not progress, file=sys.stderr)):
+        relative = path.relative_to(root).as_posix()
+        try:
+            _, decoded = load(path)
+        except BadImage as error:
+            summary.failures.append((relative, error.reason))
+            tqdm.write(f"failed: {relative}: {error.reason}", file=errors)
+            continue
+        folder = out / "images" / f"{number:05d}-{_safe(path.stem)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        display_image(decoded.rgb).save(folder / "input.png")
+        chosen = chosen_attributes(attributes, top, models[0][1], models[0][2], decoded.rgb, device)
+        columns = [explain_model(model, info, decoded.rgb, chosen, folder, out, key, labels[key], device)
+                   for key, model, info in models]
+        rows.append((relative, (folder / "input.png").relative_to(out).as_posix(), columns))
+        summary.n_explained += 1
+    write_gallery(out / "index.html", rows, summary, labels)
+    return summary
+
+
+def write_gallery(path: Path, rows: list, summary: ExplainSummary, labels: dict[str, str]) -> None:
+    """index.html: one table row per image, the models' panels side by side; relative links only."""
+    e = html.escape
+    parts = [_HTML_HEAD, f"<h1>vsam explain</h1><p>{e(summary.line())}. Columns: "
+             + " | ".join(e(label) for label in labels.values()) + "</p>\n<table>\n"]
+    for relative, input_file, columns in rows:
+        cells = [f'<td class="input"><figure><img src="{e(input_file)}" alt="{e(relative)}">'
+                 f"<figcaption>{e(relative)}</figcaption></figure></td>"]
+        for column in columns:
+            figures = "".join(f'<figure><img src="{e(p.file)}" alt="{e(p.title)}"><figcaption><b>{e(p.title)}'
+                              f"</b><br>{e(p.caption)}</figcaption></figure>" for p in column.panels)
+            cells.append(f'<td class="model"><div class="label">{e(column.label)}: {e(column.summary)}</div>'
+                         f"{figures}</td>")
+        parts.append("<tr>" + "".join(cells) + "</tr>\n")
+    parts.append("</table>\n")
+    if summary.failures:
+        parts.append("<h2>Files that could not be used</h2><ul>"
+                     + "".join(f"<li>{e(p)}: {e(reason)}</li>" for p, reason in summary.failures) + "</ul>\n")
+    parts.append("</body></html>\n")
+    path.write_text("".join(parts), encoding="utf-8")
+
+
+_HTML_HEAD = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>vsam explain</title>
+<style>
+body { font-family: sans-serif; margin: 1em; }
+table { border-collapse: collapse; }
+td { vertical-align: top; padding: 6px; border-bottom: 1px solid #ccc; }
+td.model { border-left: 3px solid #888; }
+figure { display: inline-block; margin: 0 4px 4px 0; text-align: center; }
+figure img { width: 160px; height: auto; display: block; }
+figcaption { font-size: 12px; max-width: 160px; }
+.label { font-size: 13px; margin-bottom: 4px; }
+</style></head><body>
+"""
