@@ -27,7 +27,7 @@ import numpy as np
 
 from . import images
 from .detectors import make_detector
-from .keypoints import BODY12, JOINT_NAMES, from_coco17
+from .keypoints import BODY12, JOINT_NAMES, drop_outside, from_coco17
 
 MIN_BODY_JOINTS = 6
 
@@ -59,13 +59,17 @@ def person_size(coco17: np.ndarray, bbox: list[float] | None) -> float:
     return max(box_side, keypoint_side)
 
 
-def annotated_person(annotation: dict) -> AnnotatedPerson | None:
-    """The person of one COCO annotation, or None when it is not scored (crowd, too few joints)."""
+def annotated_person(annotation: dict, width: int | None = None, height: int | None = None) -> AnnotatedPerson | None:
+    """The person of one COCO annotation, or None when it is not scored (crowd, too few joints).
+    Joints annotated outside the image (width × height) are not scored: no detector here can
+    place a joint outside the frame."""
     if annotation.get("iscrowd") or "keypoints" not in annotation:
         return None
     coco17 = np.asarray(annotation["keypoints"], np.float32).reshape(17, 3)
     coco17[:, 2] = coco17[:, 2] > 0
     keypoints = from_coco17(coco17)
+    if width and height:
+        keypoints = drop_outside(keypoints, width, height)
     if int(keypoints[list(BODY12), 2].sum()) < MIN_BODY_JOINTS:
         return None
     size = person_size(coco17, annotation.get("bbox"))
@@ -85,7 +89,8 @@ def load_annotations(images_dir: str | Path, annotation_files) -> tuple[list[Ann
             raise EvalError(f"{annotation_file}: not a COCO keypoints file ({error})") from None
         persons_of: dict[int, list[AnnotatedPerson]] = {}
         for annotation in annotations:
-            person = annotated_person(annotation)
+            entry = entries.get(annotation.get("image_id"), {})
+            person = annotated_person(annotation, entry.get("width"), entry.get("height"))
             if person is None:
                 left_out += 1
             else:
@@ -143,12 +148,13 @@ def match(detections: list[np.ndarray], persons: list[AnnotatedPerson], threshol
     return matched
 
 
-def evaluate(images_dir: str | Path, annotation_files, detector_name: str, threshold: float = 0.1) -> dict:
+def evaluate(images_dir: str | Path, annotation_files, detector, threshold: float = 0.1) -> dict:
+    """The scores as one JSON-ready dict. `detector`: a --detector name, or a built detector."""
     images_dir = Path(images_dir)
     annotated, left_out = load_annotations(images_dir, annotation_files)
     if not annotated:
         raise EvalError(f"no person with {MIN_BODY_JOINTS}+ labelled body joints in {list(annotation_files)}")
-    detector = make_detector(detector_name)
+    detector = make_detector(detector) if isinstance(detector, str) else detector
     labelled = np.zeros(len(BODY12))
     correct_all = np.zeros(len(BODY12))
     labelled_found = np.zeros(len(BODY12))
@@ -175,7 +181,7 @@ def evaluate(images_dir: str | Path, annotation_files, detector_name: str, thres
                 correct_found += matched[p]
                 labelled_found += has
     return {
-        "detector": detector_name,
+        "detector": detector.name,
         "detector_version": detector.version,
         "annotations": [str(f) for f in annotation_files],
         "images": len(annotated),
