@@ -412,5 +412,67 @@ def export_command(checkpoint, fmt, out) -> None:
                f"on a probe batch {result.max_difference:.2g}")
 
 
+@main.group()
+def experiment() -> None:
+    """Experiments of the paper that train and evaluate several models."""
+
+
+@experiment.command("label-noise")
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard folder written by `vsam prep-pose` (with a train and a held-out split).")
+@click.option("--attribute", required=True, help="The attribute whose training positives lose their label.")
+@click.option("--drop", default=0.75, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of its positive training labels set to 0.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML recipe for both models (e.g. configs/tiny.yaml; default: the paper's).")
+@click.option("--out", type=click.Path(file_okay=False), help="New folder (default: label-noise-ATTRIBUTE).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the dropped labels and train.seed.")
+@click.option("--eval-split", default="val", show_default=True, type=click.Choice(["val", "test", "train", "none"]),
+              help="Held-out split whose true positives are scored.")
+@click.option("--models", default="vsam,vgg16", show_default=True, help="Comma-separated models to compare.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Any config value for both models, e.g. --set train.epochs=2 (repeatable).")
+@_DEVICE
+def label_noise(shards, attribute, drop, config_file, out, seed, eval_split, models, assignments, device) -> None:
+    """Drop a fraction of one attribute's positive training labels, train VSAM and VGG16 identically on
+    them, and compare the scores of the held-out true positives (the paper's Fig. 4): writes
+    OUT/label_noise.png (a histogram per model) and OUT/label_noise.json (recall at 0.4, 0.5, 0.6).
+
+    Exit codes: 0 done, 1 the experiment failed (no positives, non-empty --out, data), 2 bad options."""
+    from vsam_train.config import ConfigError
+    from vsam_train.experiments.label_noise import ExperimentError, run
+    from vsam_train.models import PretrainedWeightsError
+
+    overrides = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{assignment!r} is not KEY=VALUE", param_hint="--set")
+        overrides[key.strip()] = value
+    names = tuple(name.strip() for name in models.split(",") if name.strip())
+    if not names or not set(names) <= {"vsam", "vgg16", "resnet50"}:
+        raise click.BadParameter(f"{models!r}: choose among vsam, vgg16, resnet50", param_hint="--models")
+    out = out or f"label-noise-{attribute}"
+    try:
+        report = run(shards, attribute, drop, out, config_file=config_file, overrides=overrides, seed=seed,
+                     eval_split=eval_split, models=names, device=device)
+    except ConfigError as error:
+        click.echo(f"vsam experiment label-noise: {error}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (ExperimentError, PretrainedWeightsError, FloatingPointError, *_inference_errors()) as error:
+        click.echo(f"vsam experiment label-noise: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"{attribute}: {report['dropped']} of {report['train_positives']} training positives dropped; "
+               f"{report['eval_positives']} {eval_split} positives")
+    for name, result in report["models"].items():
+        recall = "  ".join(f"recall@{t} {_fmt(v)}" for t, v in result["recall"].items())
+        click.echo(f"{name:>8}: {recall}  mean score {_fmt(result['mean_score'])}  AP {_fmt(result['AP'])}")
+    click.echo(f"figure: {out}/label_noise.png  figures: {out}/label_noise.json")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 if __name__ == "__main__":
     sys.exit(main())

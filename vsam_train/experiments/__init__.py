@@ -1,0 +1,1 @@
+"""Experiments of the paper that combine training and evaluation (`vsam experiment ...`)."""
