@@ -98,7 +98,8 @@ def pose_eval(images, annotations, detector, threshold) -> None:
               help="Force the labels format instead of detecting it from --labels.")
 @click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
               help="Output folder: shards, index.sqlite, reports/.")
-@click.option("--detector", default=None, help="Pose detector (default: blazepose).")
+@click.option("--detector", default=None,
+              help="Pose detector, as for `vsam pose` (default: the one the collection was built with, else auto).")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
 @click.option("--backend", default="loky", show_default=True, type=click.Choice(["loky", "dask"]),
               help="loky: local processes; dask: the cluster at --scheduler.")
@@ -123,13 +124,14 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
 
     from pose_prep import lock
     from pose_prep.labels import LabelError
-    from pose_prep.prep import DEFAULT_DETECTOR, PrepError, PrepOptions, run
+    from pose_prep.prep import PrepError, PrepOptions, run
+    from pose_prep.shard_format import ShardFormatError
 
     chosen = tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None
     if chosen and not set(chosen) <= {"train", "val", "test", "none"}:
         raise click.BadParameter(f"{splits!r}: splits are train, val, test, none", param_hint="--splits")
     options = PrepOptions(images=Path(images), out=Path(out), labels=Path(labels) if labels else None,
-                          labels_format=labels_format, detector=detector or DEFAULT_DETECTOR, jobs=jobs,
+                          labels_format=labels_format, detector=detector, jobs=jobs,
                           backend=backend, scheduler=scheduler, shard_size=shard_size, strict=strict,
                           crop_bbox=crop_bbox, max_side=max_side, jpeg_quality=jpeg_quality, splits=chosen,
                           progress=progress)
@@ -138,7 +140,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     except lock.Busy as error:
         click.echo(f"vsam prep-pose: {error}", err=True)
         sys.exit(EXIT_BUSY)
-    except (LabelError, PrepError) as error:
+    except (LabelError, PrepError, ShardFormatError) as error:
         click.echo(f"vsam prep-pose: {error}", err=True)
         sys.exit(EXIT_FAILED)
     for rejected in report.rejected:

@@ -28,7 +28,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -42,7 +42,6 @@ from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_s
 
 # Exit codes (the same values as cli.py's, which imports this module only inside its command).
 EXIT_OK, EXIT_FAILED = 0, 1
-DEFAULT_DETECTOR = "blazepose"
 DEFAULT_SHARD_SIZE = 1000
 REPORTS = "reports"
 
@@ -57,7 +56,7 @@ class PrepOptions:
     out: Path = Path("shards")
     labels: Path | None = None
     labels_format: str | None = None
-    detector: str = DEFAULT_DETECTOR
+    detector: str | None = None              # None: the collection's detector, else pose_prep.detectors.DEFAULT
     jobs: int = 1
     backend: str = "loky"
     scheduler: str | None = None
@@ -70,7 +69,8 @@ class PrepOptions:
     progress: bool | None = None             # None: a bar when stderr is a terminal
 
     def settings(self) -> Settings:
-        return Settings(detector=self.detector, max_side=self.max_side, jpeg_quality=self.jpeg_quality)
+        return Settings(detector=self.detector or _default_detector(Path(self.out)), max_side=self.max_side,
+                        jpeg_quality=self.jpeg_quality)
 
 
 COUNTS = ("new", "changed", "deleted", "unchanged", "relabelled", "reprocessed", "no_person", "rejected",
@@ -271,8 +271,10 @@ def run(options: PrepOptions) -> Report:
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     with lock.exclusive(out):
+        detector = options.settings().detector
+        _check_detector(detector)
         labels = read_labels(options.labels, options.labels_format) if options.labels else unlabelled()
-        report = Report(images=str(options.images), out=str(out), detector=options.detector,
+        report = Report(images=str(options.images), out=str(out), detector=detector,
                         labels=labels.source or None, start=_now())
         report.path = str(out / REPORTS / f"prep-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.json")
         started = time.monotonic()
@@ -296,7 +298,7 @@ def _finish(report: Report, started: float, code: int) -> None:
 
 
 def _run_locked(options: PrepOptions, out: Path, labels: Labels, report: Report) -> None:
-    settings = options.settings()
+    settings = replace(options.settings(), detector=report.detector)
     with open_index(out) as connection:
         _check_labels_continuity(connection, labels, out)
         report.removed_leftovers = [p.name for p in remove_orphans(out, connection)]
@@ -327,6 +329,28 @@ def _run_locked(options: PrepOptions, out: Path, labels: Labels, report: Report)
             "SELECT COUNT(*) FROM files WHERE shard_id IS NOT NULL").fetchone()[0]
         report.rejected_total = connection.execute(
             "SELECT COUNT(*) FROM files WHERE status='rejected'").fetchone()[0]
+
+
+def _default_detector(out: Path) -> str:
+    """Without --detector: the detector the collection was built with (so a new package default never
+    silently reprocesses a whole catalog on the next cron run), else the package default."""
+    from .detectors import DEFAULT
+    from .shard_format import index_path
+
+    if index_path(out).exists():
+        with open_index(out, readonly=True) as connection:
+            return get_meta(connection, "detector") or DEFAULT
+    return DEFAULT
+
+
+def _check_detector(name: str) -> None:
+    """An unknown detector or a missing extra stops the run before any worker starts."""
+    from .detectors import DetectorUnavailable, check_detector
+
+    try:
+        check_detector(name)
+    except (ValueError, OSError, DetectorUnavailable) as error:
+        raise PrepError(str(error)) from None
 
 
 def _check_labels_continuity(connection, labels: Labels, out: Path) -> None:

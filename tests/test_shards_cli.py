@@ -52,7 +52,7 @@ def test_info_matches_the_split_files(collection, shared_data):
     info = json.loads(result.output)
     assert info["splits"] == split_counts_from_split_files(shared_data) == {"train": 3, "val": 3, "test": 2, "none": 2}
     assert info["items"] == 10 and info["with_pose"] + info["without_pose"] == 10 and info["with_pose"] >= 5
-    assert info["schema_version"] == 1 and info["detector"] == "blazepose" and info["detector_version"]
+    assert info["schema_version"] == 1 and info["detector"] == "auto" and info["detector_version"]   # the default
     assert info["vocabulary"]["attribute_groups"][:8] == ["texture"] * 7 + ["sleeve"]
     assert info["vocabulary"]["exclusive_groups"] is True
     assert info["heatmap"]["size"] == [56, 56]
