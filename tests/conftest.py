@@ -78,3 +78,49 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def _train_tiny(shards: Path, out: Path, model: str, epochs: int) -> Path:
+    import torch
+
+    from vsam_train.config import load_config
+    from vsam_train.train import main
+
+    previous = torch.get_num_threads()
+    config = load_config(REPO_ROOT / "configs" / "tiny.yaml",
+                         {"model.name": model, "train.epochs": epochs, "train.batch_size": 16,
+                          "data.num_workers": 0, "data.max_val_batches": 1})
+    try:
+        return Path(main(config, shards, out, device="cpu")["checkpoint"])
+    finally:
+        torch.set_num_threads(previous)   # tiny.yaml's train.cpu_threads sets 1
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, df_shards) -> Path:
+    """checkpoints/last.pt of a tiny VSAM (configs/tiny.yaml, 64 px) trained for 2 epochs (12 steps)
+    on `df_shards`: for the eval, predict, explain and export tests. Read-only."""
+    return _train_tiny(df_shards, tmp_path_factory.mktemp("tiny-vsam") / "run", "vsam", 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline_checkpoint(tmp_path_factory, df_shards) -> Path:
+    """The same for the VGG16 baseline (no attention branch), 1 epoch. Read-only."""
+    return _train_tiny(df_shards, tmp_path_factory.mktemp("tiny-vgg16") / "run", "vgg16", 1)
+
+
+@pytest.fixture(scope="session")
+def df_val_images(tmp_path_factory, df_shards) -> Path:
+    """The val split of `df_shards` as image files: each item's stored JPEG bytes (the very pixels
+    `vsam eval` sees) under its relative source path. Read-only."""
+    from pose_prep.shard_format import Shard, live_rows
+
+    folder = tmp_path_factory.mktemp("df-val-images")
+    for shard_path, rows in live_rows(df_shards, ("val",)).items():
+        with Shard(shard_path) as shard:
+            paths = shard.read(("path",))["path"]
+            for row in rows:
+                target = folder / paths[row]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(shard.image(int(row)))
+    return folder

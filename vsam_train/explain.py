@@ -221,7 +221,7 @@ def chosen_attributes(names: list[str] | None, top: int, model: nn.Module, info:
 
 def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, *, baseline: str | Path | None = None,
                    attributes: list[str] | None = None, top: int = 1, limit: int | None = None,
-                   device: str | None = None, progress: bool = True, errors=sys.stderr) -> ExplainSummary:
+                   device: str | None = None, progress: bool = True, errors=None) -> ExplainSummary:
     """Explain every image under `images` (the first `limit`), write the PNGs and index.html to `out`."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = [("model", *load_for_inference(checkpoint, device))]
@@ -252,7 +252,7 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
             _, decoded = load(path)
         except BadImage as error:
             summary.failures.append((relative, error.reason))
-            tqdm.write(f"failed: {relative}: {error.reason}", file=errors)
+            tqdm.write(f"failed: {relative}: {error.reason}", file=errors or sys.stderr)
             continue
         folder = out / "images" / f"{number:05d}-{_safe(path.stem)}"
         folder.mkdir(parents=True, exist_ok=True)

@@ -99,7 +99,7 @@ def _rows(outputs: dict) -> int:
 
 def predict_folder(checkpoint: str | Path, images: str | Path, out, *, threshold: float = 0.5,
                    batch_size: int = 64, device: str | None = None, workers: int = 2, progress: bool = True,
-                   errors=sys.stderr) -> PredictSummary:
+                   errors=None) -> PredictSummary:
     """Predict every image under `images`; write JSON Lines to `out` (a text stream)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, info = load_for_inference(checkpoint, device)
@@ -121,7 +121,7 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out, *, threshold
             for index, reason in failures:
                 path = _relative(paths[index], root)
                 lines[index] = {"path": path, "error": reason}
-                tqdm.write(f"failed: {path}: {reason}", file=errors)
+                tqdm.write(f"failed: {path}: {reason}", file=errors or sys.stderr)
             for index in sorted(lines):
                 out.write(json.dumps(lines[index], ensure_ascii=False) + "\n")
             summary.n_predicted += len(indices)

@@ -1,0 +1,82 @@
+"""`vsam eval` on a tiny checkpoint trained on real DeepFashion-attr shards."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import average_precision_score
+
+from cli import main as vsam
+from pose_prep.shard_format import Vocabulary, collection_vocabulary
+from vsam_train.evaluate import EvalError, check_vocabulary, predict_split, without_nan
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+GROUPS = ["texture", "sleeve", "length", "neckline", "fabric", "fit"]
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_prints_the_table_and_writes_every_metric_as_strict_json(tiny_checkpoint, df_shards, tmp_path):
+    out = tmp_path / "metrics" / "val.json"
+    result = CliRunner().invoke(vsam, ["eval", "--checkpoint", str(tiny_checkpoint), "--shards", str(df_shards),
+                                       "--json", str(out), "--workers", "0", "--per-attribute"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("vsam epoch 2 on") and "items: 24   attributes: 26" in lines
+    for row in ("P@k", "R@k", "F1@k", "top-3 recall", "top-5 recall", "top-1 accuracy", "floral", "conventional"):
+        assert any(line.startswith(row) for line in lines), row
+    assert all(group in result.output for group in GROUPS)
+
+    metrics = _strict_json(out.read_text())
+    assert metrics["n_items"] == 24 and metrics["split"] == "val" and metrics["model"] == "vsam"
+    for key in ("P@k", "R@k", "F1@k", "P@k_weighted", "AP", "loss", "attention_mse"):
+        assert isinstance(metrics[key], float) and 0 <= metrics[key], key
+    for k in (3, 5):
+        assert list(metrics[f"top{k}_recall"]) == GROUPS + ["all"]
+    assert metrics["top3_recall"]["all"] <= metrics["top5_recall"]["all"]
+    assert list(metrics["group_top1"]) == GROUPS + ["mean"]
+    # Attributes without a positive among the 24 items have no AP: null in the file, not NaN.
+    without_positive = [a for a in metrics["per_attribute"] if a["support"] == 0]
+    assert without_positive and all(a["AP"] is None for a in without_positive)
+    assert metrics["AP_excluded"] == len(without_positive)
+
+
+def test_eval_ap_is_the_mean_of_scikit_learn_ap_over_the_scored_items(tiny_checkpoint, df_shards, tmp_path):
+    out = tmp_path / "val.json"
+    result = CliRunner().invoke(vsam, ["eval", "--checkpoint", str(tiny_checkpoint), "--shards", str(df_shards),
+                                       "--json", str(out), "--workers", "0", "--batch-size", "5"])
+    assert result.exit_code == 0, result.output
+    scored, _ = predict_split(tiny_checkpoint, df_shards, "val", batch_size=7)
+    labels = scored["attribute_labels"]
+    assert len(scored["paths"]) == 24 == len(set(scored["paths"]))
+    expected = np.mean([average_precision_score(labels[:, a] == 1, scored["attribute_scores"][:, a])
+                        for a in range(labels.shape[1]) if (labels[:, a] == 1).any()])
+    assert json.loads(out.read_text())["AP"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_an_empty_split_an_unreadable_checkpoint_and_other_labels_are_named(tiny_checkpoint, df_shards, tmp_path):
+    result = CliRunner().invoke(vsam, ["eval", "--checkpoint", str(tiny_checkpoint), "--shards", str(df_shards),
+                                       "--split", "test", "--workers", "0"])
+    assert result.exit_code == 1 and "split 'test' holds no items" in result.output
+
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(tiny_checkpoint.read_bytes()[:1000])
+    result = CliRunner().invoke(vsam, ["eval", "--checkpoint", str(broken), "--shards", str(df_shards)])
+    assert result.exit_code == 1 and f"{broken}: not a readable vsam checkpoint" in result.output
+
+    trained = collection_vocabulary(df_shards)
+    renamed = Vocabulary(**{**trained.__dict__, "attributes": ["paisley"] + trained.attributes[1:]})
+    with pytest.raises(EvalError, match="first difference: #0 'floral' vs 'paisley'"):
+        check_vocabulary(trained, renamed, "ckpt.pt", "shards/")
+    check_vocabulary(trained, collection_vocabulary(df_shards), "ckpt.pt", "shards/")
+
+
+def test_nan_becomes_null_at_any_depth():
+    assert without_nan({"a": float("nan"), "b": [1.0, float("nan")], "c": {"d": float("nan")}}) == \
+        {"a": None, "b": [1.0, None], "c": {"d": None}}

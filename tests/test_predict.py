@@ -1,0 +1,132 @@
+"""`vsam predict` on real images with a tiny checkpoint trained on real DeepFashion-attr shards."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import average_precision_score
+
+from bad_images import make_bad_image_folder
+from cli import main as vsam
+from vsam_train.evaluate import predict_split
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _predict(checkpoint, images, out, *extra):
+    return CliRunner().invoke(vsam, ["predict", "--checkpoint", str(checkpoint), "--images", str(images),
+                                     "--out", str(out), "--workers", "0", *extra])
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_ap_from_predict_scores_matches_vsam_eval(tiny_checkpoint, df_shards, df_val_images, tmp_path):
+    """The val split's images, as stored in the shards, through `vsam predict`; labels from the
+    shards; AP recomputed with scikit-learn equals what `vsam eval` reports."""
+    result = _predict(tiny_checkpoint, df_val_images, tmp_path / "preds.jsonl", "--batch-size", "5")
+    assert result.exit_code == 0, result.output
+    evaluated = tmp_path / "eval.json"
+    result = CliRunner().invoke(vsam, ["eval", "--checkpoint", str(tiny_checkpoint), "--shards", str(df_shards),
+                                       "--json", str(evaluated), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+
+    predictions = {record["path"]: record for record in _lines(tmp_path / "preds.jsonl")}
+    reference, info = predict_split(tiny_checkpoint, df_shards, "val")
+    assert sorted(predictions) == sorted(reference["paths"]) and len(predictions) == 24
+    names = info["vocabulary"].attributes
+    scores = np.array([[predictions[path]["attributes"][name] for name in names] for path in reference["paths"]])
+    labels = reference["attribute_labels"]
+    ap = np.mean([average_precision_score(labels[:, a] == 1, scores[:, a])
+                  for a in range(len(names)) if (labels[:, a] == 1).any()])
+    assert ap == pytest.approx(json.loads(evaluated.read_text())["AP"], abs=1e-9)
+    # Both decode the same JPEG bytes with libjpeg-turbo and share `preprocess`: same scores.
+    np.testing.assert_allclose(scores, reference["attribute_scores"], atol=1e-6)
+
+
+def test_each_line_names_the_image_and_scores_every_attribute(tiny_checkpoint, df_val_images, tmp_path):
+    images = tmp_path / "catalog"
+    shutil.copytree(df_val_images, images / "summer")
+    result = _predict(tiny_checkpoint, images, tmp_path / "preds.jsonl", "--threshold", "0.45", "--batch-size", "7")
+    assert result.exit_code == 0, result.output
+    assert "24 images: 24 predicted, 0 failed" in result.output
+    records = _lines(tmp_path / "preds.jsonl")
+    assert [r["path"] for r in records] == sorted(r["path"] for r in records)
+    from vsam_train.checkpoint import load_for_inference
+    vocabulary = load_for_inference(tiny_checkpoint)[1]["vocabulary"]
+    for record in records:
+        assert record["path"].startswith("summer/img/") and (images / record["path"]).is_file()
+        assert record["category"] is None and record["category_prob"] is None   # no categories in this subset
+        scores = record["attributes"]
+        assert list(scores) == vocabulary.attributes and all(0 < s < 1 for s in scores.values())
+        assert record["predicted"] == sorted((n for n in scores if scores[n] >= 0.45), key=lambda n: -scores[n])
+        assert list(record["groups"]) == vocabulary.group_names
+        for group, indices in vocabulary.group_indices().items():
+            best = max((vocabulary.attributes[i] for i in indices), key=lambda n: scores[n])
+            assert record["groups"][group] == best
+    assert any(record["predicted"] for record in records)
+
+
+def test_batch_size_and_worker_processes_do_not_change_the_scores(tiny_checkpoint, df_val_images, tmp_path):
+    assert _predict(tiny_checkpoint, df_val_images, tmp_path / "one.jsonl", "--batch-size", "1").exit_code == 0
+    result = _predict(tiny_checkpoint, df_val_images, tmp_path / "many.jsonl", "--batch-size", "16",
+                      "--workers", "2")
+    assert result.exit_code == 0, result.output
+    one, many = _lines(tmp_path / "one.jsonl"), _lines(tmp_path / "many.jsonl")
+    assert [r["path"] for r in one] == [r["path"] for r in many]
+    for a, b in zip(one, many):
+        np.testing.assert_allclose(list(a["attributes"].values()), list(b["attributes"].values()), atol=1e-6)
+
+
+def test_bad_files_get_an_error_line_and_a_stderr_line_and_the_run_goes_on(tiny_checkpoint, tmp_path):
+    images = tmp_path / "drop"
+    expected = make_bad_image_folder(images)
+    out = tmp_path / "preds.jsonl"
+    result = _predict(tiny_checkpoint, images, out)
+    assert result.exit_code == 0, result.output
+    records = {r["path"]: r for r in _lines(out)}
+    assert set(records) == set(expected)   # every image file found has exactly one line
+    for name, outcome in expected.items():
+        record = records[name]
+        if outcome is None:
+            assert "error" not in record and len(record["attributes"]) == 26, name
+        else:
+            assert outcome in record["error"] and set(record) == {"path", "error"}, name
+            assert f"failed: {name}: {record['error']}" in result.output
+    n_bad = sum(outcome is not None for outcome in expected.values())
+    assert f"{len(expected)} images: {len(expected) - n_bad} predicted, {n_bad} failed" in result.output
+
+    strict = _predict(tiny_checkpoint, images, tmp_path / "strict.jsonl", "--strict")
+    assert strict.exit_code == 1 and "--strict" in strict.output
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    (only_bad / "empty.jpg").write_bytes(b"")
+    nothing = _predict(tiny_checkpoint, only_bad, tmp_path / "none.jsonl")
+    assert nothing.exit_code == 1 and "no image under" in nothing.output
+    assert _lines(tmp_path / "none.jsonl") == [{"path": "empty.jpg", "error": "empty file (0 bytes)"}]
+
+
+def test_predict_runs_without_a_pose_detector_and_writes_to_stdout(tiny_checkpoint, df_val_images):
+    """A real process: no pose detector module (nor mediapipe) is ever imported; '-' is stdout."""
+    script = ("import sys\n"
+              "from cli import main\n"
+              "try:\n"
+              f"    main(['predict', '--checkpoint', {str(tiny_checkpoint)!r}, '--images', {str(df_val_images)!r},"
+              " '--workers', '1', '--batch-size', '10'])\n"
+              "except SystemExit as exit:\n"
+              "    assert exit.code in (0, None), exit.code\n"
+              "loaded = sorted(m for m in sys.modules if m.startswith(('pose_prep.detectors', 'mediapipe', 'ultralytics')))\n"
+              "print('LOADED', loaded, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "LOADED []" in done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert len(records) == 24 and all("attributes" in r for r in records)
