@@ -27,6 +27,12 @@ demo: setup
 	$(BIN)/vsam prep-pose --images $(DEMO)/images --out $(DEMO)/shards
 	$(BIN)/vsam shards verify $(DEMO)/shards
 	@echo "demo: $(DEMO)/shards/ holds the HDF5 shards (vsam shards info $(DEMO)/shards)"
+# train: the same photos with hand-written labels (configs/demo-labels.csv), a tiny VSAM on the CPU;
+# --resume makes a second `make demo` continue (or skip) the run instead of refusing the folder.
+	$(BIN)/vsam prep-pose --images $(DEMO)/images --labels configs/demo-labels.csv --out $(DEMO)/labelled-shards
+	$(BIN)/vsam train --shards $(DEMO)/labelled-shards --out $(DEMO)/run --config configs/tiny.yaml \
+		--batch-size 2 --epochs 3 --device cpu --resume
+	@echo "demo: $(DEMO)/run/ holds a tiny VSAM: metrics.jsonl, checkpoints/last.pt, tensorboard/"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -105,7 +105,7 @@ def pose_eval(images, annotations, detector, threshold) -> None:
               help="loky: local processes; dask: the cluster at --scheduler.")
 @click.option("--scheduler", help="Dask scheduler address (with --backend dask), e.g. tcp://10.0.0.5:8786.")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Items per shard.")
-@click.option("--strict", is_flag=True, help="Exit non-zero when any file was rejected.")
+@click.option("--strict", is_flag=True, help="Exit 1 while any file of the catalog is rejected.")
 @click.option("--crop-bbox", is_flag=True, help="Store the crop to the annotated box (formats with boxes).")
 @click.option("--max-side", default=256, show_default=True, type=click.IntRange(0),
               help="Longer side of the stored JPEG (0: original size).")
@@ -148,7 +148,8 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     click.echo(report.summary())
     click.echo(f"report: {report.path}")
     if report.exit_code != EXIT_OK:
-        click.echo("vsam prep-pose: failed: " + ("--strict and some files were rejected" if strict and report.rejected
+        click.echo("vsam prep-pose: failed: " + (f"--strict and {report.rejected_total} file(s) are rejected "
+                                                  "(vsam shards info lists them)" if strict and report.rejected_total
                                                   else "nothing could be processed"), err=True)
     sys.exit(report.exit_code)
 
@@ -236,6 +237,8 @@ def train(shards, out, config_file, model, epochs, batch_size, width, image_size
     """Train VSAM (or a baseline) on a shard folder; under torchrun, with DDP.
 
     Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config."""
+    import os
+
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.checkpoint import CheckpointError
     from vsam_train.config import ConfigError
@@ -267,6 +270,9 @@ def train(shards, out, config_file, model, epochs, batch_size, width, image_size
         click.echo(f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f}{val}")
     if summary["epochs"]:
         click.echo(f"checkpoint: {summary['checkpoint']}")
+    elif resume and os.environ.get("RANK", "0") == "0":
+        click.echo(f"vsam train: {out} already holds all {summary['epochs_done']} epochs; nothing to do "
+                   "(raise --epochs to train on)")
 
 
 # --- eval, predict, explain, export, experiment (vsam_train) ----------------------------------
@@ -278,6 +284,8 @@ _DEVICE = click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Def
 
 def _inference_errors():
     """The exceptions that mean 'this checkpoint, data or folder cannot be used' (exit 1)."""
+    import os
+
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.checkpoint import CheckpointError
 

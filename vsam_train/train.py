@@ -363,7 +363,8 @@ def write_checkpoints(folder: Path, state: dict, keep_epoch: bool) -> Path:
 
 def main(config: dict, shards: str | Path, out: str | Path, *, resume: bool = False, device: str | None = None) -> dict:
     """Train as `config` says on the shard collection `shards`, into the run folder `out`.
-    Returns {"run_dir", "checkpoint", "epochs": [metrics.jsonl records of this process's run]}."""
+    Returns {"run_dir", "checkpoint", "epochs": [metrics.jsonl records of this process's run],
+    "epochs_done"}; on ranks other than 0, "epochs" is empty."""
     device_kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if config["data"]["decode"] == "gpu" and device_kind != "cuda":
         raise ConfigError("data.decode: gpu needs --device cuda")
@@ -373,10 +374,22 @@ def main(config: dict, shards: str | Path, out: str | Path, *, resume: bool = Fa
     if last.exists() and not resume:
         raise RunFolderError(f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose "
                              "another --out")
-    rank, world_size, device = setup_distributed(device_kind)
+    # Process-wide settings this run changes; restored for a caller that goes on (tests, notebooks).
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    if config["train"]["cpu_threads"]:
+        torch.set_num_threads(int(config["train"]["cpu_threads"]))
+    try:
+        return _train(config, shards, run_dir, resume, device_kind)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) -> dict:
     t, d = config["train"], config["data"]
-    if t["cpu_threads"]:
-        torch.set_num_threads(int(t["cpu_threads"]))
+    checkpoint_dir = run_dir / "checkpoints"
+    last = checkpoint_dir / "last.pt"
+    rank, world_size, device = setup_distributed(device_kind)
     seed_everything(t["seed"], t["deterministic"])
 
     train_stream = ShardStream(shards, d["train_split"], image_size=config["model"]["image_size"],
@@ -438,4 +451,4 @@ def main(config: dict, shards: str | Path, out: str | Path, *, resume: bool = Fa
         log.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-    return {"run_dir": str(run_dir), "checkpoint": str(last), "epochs": records}
+    return {"run_dir": str(run_dir), "checkpoint": str(last), "epochs": records, "epochs_done": t["epochs"]}
