@@ -163,12 +163,12 @@ def evaluate(images_dir: str | Path, annotation_files, detector, threshold: floa
     seconds = []
     _warm_up(detector, annotated[0], images_dir)
     for image in annotated:
-        _, decoded = images.load(image.path)
+        decoded = _load(image)
         if (decoded.width, decoded.height) != (image.width, image.height):
             raise EvalError(f"{image.path}: {decoded.width}x{decoded.height} pixels, annotated as "
                             f"{image.width}x{image.height}")
         start = time.perf_counter()
-        detections = detector.detect(decoded.rgb, image.path.relative_to(images_dir).as_posix())
+        detections = _detect(detector, image, images_dir, decoded.rgb)
         seconds.append(time.perf_counter() - start)
         matched = match(detections, image.persons, threshold)
         for p, person in enumerate(image.persons):
@@ -198,8 +198,21 @@ def evaluate(images_dir: str | Path, annotation_files, detector, threshold: floa
 
 def _warm_up(detector, image: AnnotatedImage, images_dir: Path) -> None:
     """One untimed call: the first inference of a model includes its one-off set-up."""
-    _, decoded = images.load(image.path)
-    detector.detect(decoded.rgb, image.path.relative_to(images_dir).as_posix())
+    _detect(detector, image, images_dir, _load(image).rgb)
+
+
+def _load(image: AnnotatedImage) -> images.DecodedImage:
+    try:
+        return images.load(image.path)[1]
+    except images.BadImage as error:
+        raise EvalError(str(error)) from None
+
+
+def _detect(detector, image: AnnotatedImage, images_dir: Path, rgb: np.ndarray) -> list[np.ndarray]:
+    try:
+        return detector.detect(rgb, image.path.relative_to(images_dir).as_posix())
+    except (OSError, ValueError, RuntimeError) as error:
+        raise EvalError(f"{image.path}: detector {detector.name} failed: {error}") from error
 
 
 def _ratio(numerator: float, denominator: float) -> float | None:

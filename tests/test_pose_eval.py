@@ -152,6 +152,8 @@ def test_unusable_annotations_fail_clearly(fashion, tmp_path):
     (tmp_path / "nobody.json").write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(EvalError, match="no person"):
         evaluate(images_dir, [tmp_path / "nobody.json"], "blazepose")
+    with pytest.raises(EvalError, match="detector openpose-json.*failed: no OpenPose keypoints"):
+        evaluate(images_dir, annotations, f"openpose-json:{tmp_path}")
     (tmp_path / "junk.json").write_text("[]")
     result = CliRunner().invoke(vsam, ["pose-eval", "--images", str(images_dir), "--annotations",
                                        str(tmp_path / "junk.json")])
