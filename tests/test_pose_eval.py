@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +143,21 @@ def test_cli_prints_one_json_object(fashion, tmp_path):
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
     assert printed["pck"] == 1.0 and printed["threshold"] == 0.1 and printed["images"] == 4
+
+
+def test_yolo_run_prints_only_json_and_writes_nothing_in_the_working_directory(fashion, tmp_path):
+    images_dir, annotations = fashion
+    workdir, cache = tmp_path / "cwd", tmp_path / "cache"
+    workdir.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    env.pop("YOLO_CONFIG_DIR", None)
+    completed = subprocess.run([str(Path(sys.executable).with_name("vsam")), "pose-eval", "--images", str(images_dir),
+                                "--annotations", str(annotations[0]), "--detector", "yolo"],
+                               cwd=workdir, env=env, capture_output=True, text=True, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert json.loads(completed.stdout)["detector"] == "yolo", "ultralytics's first-run messages stay off stdout"
+    assert list(workdir.iterdir()) == []
+    assert (cache / "vsam" / "Ultralytics" / "settings.json").is_file()
 
 
 def test_unusable_annotations_fail_clearly(fashion, tmp_path):

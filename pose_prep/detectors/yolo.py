@@ -6,6 +6,7 @@ file goes to the user's cache folder, never into the working directory.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -30,7 +31,10 @@ def _offline_ultralytics():
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vsam"
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(cache))
-    import ultralytics
+    # ultralytics binds its log handler to sys.stdout when imported; our commands print results
+    # (pose-eval's JSON) on stdout, so its messages go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        import ultralytics
 
     _undo_pillow_patch()
     return ultralytics
