@@ -98,6 +98,7 @@ def class_activation_map(features: torch.Tensor, weights: torch.Tensor) -> torch
     return torch.einsum("khw,k->hw", features, weights)
 
 
+@torch.no_grad()
 def cam(model: nn.Module, outputs: dict, vocabulary) -> tuple[str, torch.Tensor]:
     """(what it explains, raw map) for the predicted category, or the top attribute without a category head."""
     if outputs["category"] is not None:
