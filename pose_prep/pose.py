@@ -147,7 +147,8 @@ def run(images_dir: str | Path, out: str | Path, detector_name: str = "auto", jo
     folder or the detector is unusable."""
     images_dir, out = Path(images_dir), Path(out)
     check_detector(detector_name)
-    relative_paths = [p.relative_to(images_dir).as_posix() for p in images.find_images(images_dir)]
+    relative_paths = [p.relative_to(images_dir).as_posix() for p in images.find_images(images_dir)
+                      if not _inside(p, out)]   # an output folder inside --images: not its own input
     out.mkdir(parents=True, exist_ok=True)
     summary = Summary()
     collisions = _name_collisions(relative_paths)
@@ -172,6 +173,10 @@ def run(images_dir: str | Path, out: str | Path, detector_name: str = "auto", jo
             for result in results:
                 record(result)
     return summary
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path.parent.resolve().is_relative_to(folder.resolve())   # the file itself may be a broken link
 
 
 def _batches(detector_name, images_dir, relative_paths, out, overlays, jobs):

@@ -124,6 +124,14 @@ def test_a_file_gone_bad_leaves_no_stale_keypoints(tmp_path):
     assert not (tmp_path / "out" / "grace_hopper_overlay.png").exists()
 
 
+def test_an_output_folder_inside_the_images_is_not_read_back(tmp_path):
+    folder = tmp_path / "images"
+    write_sample_images(folder)
+    first = run(folder, folder / "pose", "blazepose", overlays=True, progress=False)
+    again = run(folder, folder / "pose", "blazepose", overlays=True, progress=False)
+    assert first.images == again.images == len(PEOPLE) + len(NOBODY)
+
+
 def test_two_images_with_one_output_name(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
