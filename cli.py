@@ -118,8 +118,8 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
 
     Incremental (only new or changed images are processed, deleted ones retired) and crash-safe;
     one run at a time per output folder (a second one exits with code 75). Exit code 0 also when
-    some files were rejected (they are listed in the report); 1 with --strict then, or when nothing
-    could be processed."""
+    some files were rejected (they are listed in the report); 1 with --strict while any file is
+    rejected, or when nothing could be processed."""
     from pathlib import Path
 
     from pose_prep import lock

@@ -185,9 +185,12 @@ def classify(entries: list[Entry], records: dict[str, FileRecord], fingerprint: 
     for entry in entries:
         record = records.get(entry.relative)
         entry.fingerprint = fingerprint(entry.labels)
-        if entry.reason is not None:
-            entry.kind = "changed" if record else "new"
-            todo.append(entry)
+        if entry.reason is not None:     # cannot even be stat'ed (a dangling link, a bad name)
+            if record is not None and (record.status, record.reason) == ("rejected", entry.reason):
+                entry.kind = "unchanged"     # still rejected for the same reason: recorded already
+            else:
+                entry.kind = "changed" if record else "new"
+                todo.append(entry)
             continue
         same_stat = record is not None and (record.size, record.mtime_ns) == (entry.size, entry.mtime_ns)
         if same_stat:
@@ -498,9 +501,10 @@ def write_report(path: Path, report: Report) -> None:
 
 
 def exit_code(report: Report, strict: bool) -> int:
-    """0 also when some files were rejected; 1 with --strict then, when no image was found, or when
-    this run had files to process and could store none of them."""
-    if strict and report.counts["rejected"]:
+    """0 also when some files were rejected; 1 with --strict while the catalog holds a rejected file
+    (from this run or an earlier one), when no image was found, or when this run had files to process
+    and could store none of them."""
+    if strict and (report.counts["rejected"] or report.rejected_total):
         return EXIT_FAILED
     if report.found == 0 and report.counts["excluded"] == 0:
         return EXIT_FAILED

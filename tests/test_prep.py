@@ -135,7 +135,10 @@ def test_bad_file_zoo_each_recorded_with_its_reason_the_rest_processed(tmp_path)
         1 for p in rejected if p != bad_images.DANGLING)
     upright = Shard(out / live[bad_images.EXIF_ROTATED]["shard"]).item(live[bad_images.EXIF_ROTATED]["row"])
     assert (upright.width, upright.height) == bad_images.EXIF_ROTATED_UPRIGHT_SIZE
-    assert prep(images, out, strict=True).exit_code == 1                 # --strict: rejected files fail the run
+    again = prep(images, out)                 # rejected files stay recorded, not retried until they change
+    assert (again.counts["unchanged"], again.counts["rejected"], again.processed) == (len(expected), 0, 0)
+    assert again.exit_code == 0 and again.rejected_total == len(rejected)
+    assert prep(images, out, strict=True).exit_code == 1                 # --strict: a rejected file fails the run
 
 
 def test_nothing_processable_is_a_failure(tmp_path):
