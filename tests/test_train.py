@@ -150,3 +150,10 @@ def test_cli_refuses_bad_config_and_an_existing_run_with_exit_codes(df_shards, t
     result = runner.invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "b"),
                                   "--config", str(TINY)])
     assert result.exit_code == 1 and "pass --resume" in result.output
+
+
+def test_the_trainer_never_imports_a_pose_detector():
+    code = ("import sys, cli, vsam_train.train, vsam_train.data, vsam_train.checkpoint, vsam_train.models\n"
+            "loaded = [m for m in sys.modules if m.startswith(('pose_prep.detectors', 'mediapipe', 'ultralytics'))]\n"
+            "assert not loaded, loaded\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -8,6 +8,7 @@ folder as config.yaml and inside every checkpoint.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -150,4 +151,8 @@ def validate(config: dict) -> None:
 
 
 def save_config(config: dict, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
+    """Write atomically: other DDP ranks may be reading the previous one (resume)."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(yaml.safe_dump(config, sort_keys=False))
+    os.replace(temporary, path)
