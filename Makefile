@@ -33,6 +33,14 @@ demo: setup
 	$(BIN)/vsam train --shards $(DEMO)/labelled-shards --out $(DEMO)/run --config configs/tiny.yaml \
 		--batch-size 2 --epochs 3 --device cpu --resume
 	@echo "demo: $(DEMO)/run/ holds a tiny VSAM: metrics.jsonl, checkpoints/last.pt, tensorboard/"
+# predict and explain: the tiny VSAM on the same photos (no pose detector), beside a tiny VGG16 baseline.
+	$(BIN)/vsam train --shards $(DEMO)/labelled-shards --out $(DEMO)/baseline --config configs/tiny.yaml \
+		--model vgg16 --batch-size 2 --epochs 3 --device cpu --resume
+	$(BIN)/vsam predict --checkpoint $(DEMO)/run/checkpoints/last.pt --images $(DEMO)/images \
+		--out $(DEMO)/predictions.jsonl --device cpu
+	$(BIN)/vsam explain --checkpoint $(DEMO)/run/checkpoints/last.pt --baseline $(DEMO)/baseline/checkpoints/last.pt \
+		--images $(DEMO)/images --out $(DEMO)/explain --device cpu
+	@echo "demo: $(DEMO)/predictions.jsonl has one JSON line per photo; open $(DEMO)/explain/index.html in a browser"
 
 test: setup
 	$(BIN)/python -m pytest -q
