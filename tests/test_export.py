@@ -38,7 +38,8 @@ def _run_exported(path, fmt: str, images: torch.Tensor) -> list[np.ndarray]:
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 @pytest.mark.parametrize("which", ["vsam", "vgg16"])
 def test_exported_model_gives_the_checkpoints_outputs_on_real_images(fmt, which, tiny_checkpoint,
-                                                                      tiny_baseline_checkpoint, df_val_images, tmp_path):
+                                                                      tiny_baseline_checkpoint, df_val_images,
+                                                                      tmp_path):
     checkpoint = tiny_checkpoint if which == "vsam" else tiny_baseline_checkpoint
     out = tmp_path / f"model.{fmt}"
     result = CliRunner().invoke(vsam, ["export", "--checkpoint", str(checkpoint), "--format", fmt, "--out", str(out)])

@@ -89,6 +89,6 @@ def test_dropped_labels_depend_only_on_seed_and_positives():
 
 
 def test_an_unknown_attribute_is_named(df_shards, tmp_path):
-    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(df_shards), "--attribute", "paisley",
-                                       "--out", str(tmp_path / "x"), *TINY_RUN])
+    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(df_shards),
+                                       "--attribute", "paisley", "--out", str(tmp_path / "x"), *TINY_RUN])
     assert result.exit_code == 1 and "has no attribute 'paisley'" in result.output

@@ -123,7 +123,8 @@ def test_predict_runs_without_a_pose_detector_and_writes_to_stdout(tiny_checkpoi
               " '--workers', '1', '--batch-size', '10'])\n"
               "except SystemExit as exit:\n"
               "    assert exit.code in (0, None), exit.code\n"
-              "loaded = sorted(m for m in sys.modules if m.startswith(('pose_prep.detectors', 'mediapipe', 'ultralytics')))\n"
+              "detectors = ('pose_prep.detectors', 'mediapipe', 'ultralytics')\n"
+              "loaded = sorted(m for m in sys.modules if m.startswith(detectors))\n"
               "print('LOADED', loaded, file=sys.stderr)\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -124,8 +124,8 @@ def saliency(model: nn.Module, images: torch.Tensor, attribute: int) -> torch.Te
     """captum's Saliency of one attribute logit → (H, W): |gradient|, maximum over colour channels."""
     from captum.attr import Saliency
 
-    gradients = Saliency(_HeadLogits(model, "attributes")).attribute(images.detach().clone().requires_grad_(), target=attribute,
-                                                                     abs=True)
+    pixels = images.detach().clone().requires_grad_()
+    gradients = Saliency(_HeadLogits(model, "attributes")).attribute(pixels, target=attribute, abs=True)
     return gradients[0].amax(dim=0).detach()
 
 
