@@ -121,11 +121,16 @@ def render_heatmap(keypoints: np.ndarray, width: int, height: int, joint_group: 
 
 def encode_jpeg(rgb: np.ndarray, max_side: int, quality: int) -> bytes:
     """Baseline RGB JPEG, no metadata, longer side at most `max_side` (0: unchanged)."""
-    image = Image.fromarray(rgb)
-    scale = max_side / max(image.size) if max_side else 1.0
+    height, width = rgb.shape[:2]
+    scale = max_side / max(width, height) if max_side else 1.0
     if scale < 1.0:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        image = image.resize(size, Image.BICUBIC, reducing_gap=3.0)
+        import cv2
+
+        # Bilinear is exact enough for a mild reduction and 6x faster than area averaging, which
+        # large reductions need against aliasing (a 1.6 ms PIL bicubic was ~5 % of a BlazePose call).
+        interpolation = cv2.INTER_LINEAR if scale >= 0.5 else cv2.INTER_AREA
+        rgb = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
+                         interpolation=interpolation)
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=quality)
+    Image.fromarray(rgb).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
