@@ -19,7 +19,7 @@ import pytest
 import bad_images
 from pose_prep import lock
 from pose_prep.prep import PrepError, PrepOptions, catalog_problems, run
-from pose_prep.shard_format import Shard, collection_info, live_items, shard_name, verify_shard
+from pose_prep.shard_format import Shard, collection_info, live_items, verify_shard
 
 VSAM = str(Path(sys.executable).with_name("vsam"))
 # Train, val, test and one image that no split file lists.
@@ -253,4 +253,3 @@ def test_a_held_lock_blocks_at_once(tmp_path, kill_catalog):
             prep(kill_catalog, out)
         assert time.monotonic() - started < 1.0
     assert not lock.is_locked(out)
-    assert shard_name(1) == "shard-000001.h5"
