@@ -134,12 +134,14 @@ def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.T
 
 def augment_batch(images: torch.Tensor, params: torch.Tensor, image_size: int) -> torch.Tensor:
     """(B, 3, H, W) uint8 + augmentation rows (B, 9) → (B, 3, S, S) normalised: for each item what
-    `data.augmented_image(image, row, S)` gives, in a handful of batched kernels."""
+    `data.augmented_image(image, row, S)` gives, in a handful of batched kernels. Nothing here
+    reads a value back from the device (that would stall the queue of kernels at every batch): items
+    that are not augmented go through roi_align too, with the whole picture as the box, which at
+    S×S samples every pixel exactly at its centre (an identity)."""
     params = params.to(images.device, torch.float32)
     x = _flipped(images.float().div_(255), params)
     height, width = x.shape[-2:]
-    if (height, width) != (image_size, image_size) or bool((params[:, 0] > 0).any()):
-        x = roi_align(x, _crop_boxes(params, width, height), (image_size, image_size), aligned=True)
+    x = roi_align(x, _crop_boxes(params, width, height), (image_size, image_size), aligned=True)
     brightness, contrast, saturation = params[:, 6], params[:, 7], params[:, 8]
     x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
     x = _blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), contrast)
@@ -149,12 +151,10 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor, image_size: int) -
 
 def heatmap_batch(heatmaps: torch.Tensor, params: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, 1, h, w) uint8 stored heatmaps → (B, 1, grid, grid) float in [0, 1], flipped and cropped
-    as their images (`data.heatmap_target`, batched)."""
+    as their images (`data.heatmap_target`, batched; an identity box as in `augment_batch`)."""
     params = params.to(heatmaps.device, torch.float32)
     x = _flipped(heatmaps.float().div_(255), params)
     height, width = x.shape[-2:]
-    if (height, width) == (grid, grid) and not bool((params[:, 0] > 0).any()):
-        return x
     return roi_align(x, _crop_boxes(params, width, height), (grid, grid), aligned=True).clamp_(0, 1)
 
 
@@ -163,13 +163,14 @@ def heatmap_batch(heatmaps: torch.Tensor, params: torch.Tensor, grid: int) -> to
 class ResidentBatches:
     """Batch dicts over a `ResidentSplit`, in the form `train.train_one_epoch` and `train.evaluate`
     take from a DataLoader over `ShardStream`: "image" (B, 3, S, S) normalised and "heatmap"
-    (B, 1, S/4, S/4) on the device, "has_pose" on the device, "category", "attributes" and
-    "augmentation" on the CPU, "path".
+    (B, 1, S/4, S/4), "has_pose", "category" and "attributes" (on the device for training, on the
+    CPU for evaluation, which collects them there), "augmentation" (CPU) and "path".
 
     `train=True`: a fresh permutation each epoch (seed, epoch), the last partial batch dropped,
     augmentation drawn per item with `data.draw_augmentation`; `train=False`: stored order, every
-    item, no augmentation. `set_epoch` as on ShardStream. `dataset` and `len()` are what
-    `train_one_epoch` reads for its progress bar."""
+    item, no augmentation. An epoch's order and parameters go to the device in one copy each, so a
+    batch costs no transfer and no synchronisation. `set_epoch` as on ShardStream; `dataset` and
+    `len()` are what `train_one_epoch` reads for its progress bar."""
 
     def __init__(self, split: ResidentSplit, *, image_size: int, batch_size: int, train: bool,
                  augment: dict | None = None, seed: int = 0):
@@ -179,6 +180,8 @@ class ResidentBatches:
         self.batch_size, self.train = batch_size, train
         self.augment = augment if train else None
         self.seed, self.epoch = seed, 0
+        labels_device = split.images.device if train else torch.device("cpu")
+        self.category, self.attributes = split.category.to(labels_device), split.attributes.to(labels_device)
 
     @property
     def dataset(self) -> "ResidentBatches":
@@ -191,31 +194,34 @@ class ResidentBatches:
         n = len(self.split)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
-    def __iter__(self):
-        n = len(self.split)
+    def epoch_plan(self) -> tuple[np.ndarray, np.ndarray]:
+        """(item order, augmentation rows) of the current epoch, as numpy arrays."""
         if self.train:
             rng = np.random.default_rng([self.seed, self.epoch])
-            order = rng.permutation(n)
+            order = rng.permutation(len(self.split))[:len(self) * self.batch_size]
         else:
-            rng, order = None, np.arange(n)
-        for b in range(len(self)):
-            yield self.batch(order[b * self.batch_size:(b + 1) * self.batch_size], rng)
+            rng, order = None, np.arange(len(self.split))
+        return order, np.stack([draw_augmentation(rng, self.augment) for _ in order])
 
-    def batch(self, indices: np.ndarray, rng: np.random.Generator | None = None) -> dict:
-        """The batch of the given item indices (augmented when this is a training stream)."""
-        split = self.split
-        params = torch.from_numpy(np.stack([draw_augmentation(rng, self.augment) for _ in indices]))
-        on_device = torch.from_numpy(np.asarray(indices, np.int64)).to(split.images.device)
-        cpu_index = torch.from_numpy(np.asarray(indices, np.int64))
-        return {
-            "image": augment_batch(split.images[on_device], params, self.image_size),
-            "heatmap": heatmap_batch(split.heatmaps[on_device], params, self.grid),
-            "has_pose": split.has_pose[on_device],
-            "category": split.category[cpu_index],
-            "attributes": split.attributes[cpu_index],
-            "augmentation": params,
-            "path": [split.paths[i] for i in indices],
-        }
+    def __iter__(self):
+        order, params = self.epoch_plan()
+        device = self.split.images.device
+        order_device = torch.from_numpy(order).to(device)
+        params_cpu = torch.from_numpy(params)
+        params_device = params_cpu.to(device)
+        labels_index = order_device if self.train else torch.from_numpy(order)
+        for b in range(len(self)):
+            part = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            index = order_device[part]
+            yield {
+                "image": augment_batch(self.split.images[index], params_device[part], self.image_size),
+                "heatmap": heatmap_batch(self.split.heatmaps[index], params_device[part], self.grid),
+                "has_pose": self.split.has_pose[index],
+                "category": self.category[labels_index[part]],
+                "attributes": self.attributes[labels_index[part]],
+                "augmentation": params_cpu[part],
+                "path": [self.split.paths[i] for i in order[part]],
+            }
 
 
 class AttentionRecorder(torch.nn.Module):
