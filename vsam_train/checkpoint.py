@@ -79,17 +79,14 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     "epoch", "step", "heatmap" (dict: the collection's heatmap parameters, may be empty)."""
     import json
 
-    from .models import create_model
+    from .models import model_from_config
 
     state = load_checkpoint(path)
     try:
         config, vocabulary = state["config"], Vocabulary.from_json(state["vocabulary"])
-        m = config["model"]
-        model = create_model(state["model_name"], len(vocabulary.categories), len(vocabulary.attributes),
-                             width=m["width"], image_size=m["image_size"], batch_norm=m["batch_norm"],
-                             pretrained=None, dropout=m["dropout"], attention_scale=m["attention_scale"])
+        model = model_from_config({**config, "model": {**config["model"], "name": state["model_name"]}}, vocabulary)
         model.load_state_dict(state["model"])
-    except (KeyError, TypeError, RuntimeError) as error:
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: does not hold a usable vsam model ({error})") from None
     info = {"config": config, "vocabulary": vocabulary, "model_name": state["model_name"],
             "image_size": int(state["image_size"]), "epoch": int(state["epoch"]), "step": int(state["step"]),

@@ -21,8 +21,20 @@ DEFAULTS: dict = {
         "batch_norm": False,       # torchvision's vgg16_bn layout
         "pretrained": None,        # null | imagenet | path of a state_dict
         "dropout": 0.5,
-        "attention": "single",     # the paper's one Ŝ
+        "attention": "single",     # single: the paper's one Ŝ | groups: one map per attribute group
         "attention_scale": 20.0,   # × the pooled attended features added to block4_pool
+        # attention: groups only (README "Attribute-group attention"). Joints that supervise each
+        # group's map: a pose_prep.heatmaps.JOINT_GROUPS name, a list of COCO-18 joint names or
+        # indices, or [] (no heatmap loss). Groups of the vocabulary not listed: the whole body.
+        "group_joints": {
+            # the DeepFashion attribute subset (texture, sleeve, length, neckline, fabric, fit) ...
+            "texture": "torso", "sleeve": "arms", "length": "lower", "neckline": "neckline",
+            "fabric": "torso", "fit": "torso",
+            # ... and the full benchmark (texture, fabric, shape, part, style)
+            "shape": "body", "part": "body", "style": "body",
+        },
+        "group_channels": 64,      # × width: each group's 1×1 projection of the combined features
+        "group_warmup_steps": 500, # steps over which attribute pooling moves from uniform to the group maps
     },
     "loss": {
         "category_weight": 1.0,
@@ -65,9 +77,21 @@ DEFAULTS: dict = {
 
 CHOICES = {
     ("model", "name"): ("vsam", "vgg16", "resnet50"),
-    ("model", "attention"): ("single",),
+    ("model", "attention"): ("single", "groups"),
     ("loss", "heatmap_loss", "kind"): ("l2", "softmax_l2"),
     ("data", "decode"): ("cpu", "gpu"),
+}
+
+
+# Mappings whose keys are data (group names), not settings: a file or --set may add keys to them.
+OPEN_MAPPINGS = (("model", "group_joints"),)
+
+# Model names that `vsam experiment` / the GPU comparison accept beyond model.name, as overrides.
+MODEL_VARIANTS = {
+    "vsam": {"model.name": "vsam", "model.attention": "single"},
+    "vsam-groups": {"model.name": "vsam", "model.attention": "groups"},
+    "vgg16": {"model.name": "vgg16", "model.attention": "single"},
+    "resnet50": {"model.name": "resnet50", "model.attention": "single"},
 }
 
 
@@ -100,7 +124,11 @@ def _merge(into: dict, update: dict, source: str, prefix: tuple) -> None:
         where = ".".join(prefix + (str(key),))
         if key not in into:
             raise ConfigError(f"{source}: unknown config key {where!r}")
-        if isinstance(into[key], dict):
+        if prefix + (key,) in OPEN_MAPPINGS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{source}: {where} must be a mapping")
+            into[key].update(value)
+        elif isinstance(into[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {where} must be a mapping")
             _merge(into[key], value, source, prefix + (key,))
@@ -121,7 +149,7 @@ def set_key(config: dict, dotted: str, value) -> None:
         if not isinstance(node.get(part), dict):
             raise ConfigError(f"unknown config key {dotted!r}")
         node = node[part]
-    if last not in node:
+    if last not in node and tuple(parents) not in OPEN_MAPPINGS:
         raise ConfigError(f"unknown config key {dotted!r}")
     node[last] = value
 
@@ -148,6 +176,24 @@ def validate(config: dict) -> None:
             raise ConfigError(f"train.{key} must be a positive integer, got {train[key]!r}")
     if not 0 <= config["data"]["augment"]["p"] <= 1:
         raise ConfigError("data.augment.p must lie in [0, 1]")
+    if model["attention"] == "groups":
+        _validate_groups(model)
+
+
+def _validate_groups(model: dict) -> None:
+    from .groups import GroupPlanError, check_group_joints
+
+    if model["name"] != "vsam":
+        raise ConfigError(f"model.attention: groups applies to model.name vsam, not {model['name']!r} "
+                          "(the baselines have no attention branch)")
+    try:
+        check_group_joints(model["group_joints"])
+    except GroupPlanError as error:
+        raise ConfigError(str(error)) from None
+    for key in ("group_channels", "group_warmup_steps"):
+        if not isinstance(model[key], int) or model[key] < (1 if key == "group_channels" else 0):
+            raise ConfigError(f"model.{key} must be a {'positive' if key == 'group_channels' else 'non-negative'} "
+                              f"integer, got {model[key]!r}")
 
 
 def save_config(config: dict, path: str | Path) -> None:

@@ -11,7 +11,10 @@
 * JPEGs are decoded on the CPU workers, or handed over as bytes (`decode="gpu"`) for
   `decode_on_device`, which decodes a batch with nvjpeg;
 * with probability `augment["p"]` (the paper's 0.33) an item is augmented: a horizontal flip and a
-  random resized crop applied identically to image and heatmap, colour jitter on the image only.
+  random resized crop applied identically to image and heatmap, colour jitter on the image only;
+* for the attribute-group attention model (`group_joints`), one heatmap per group is rendered from
+  the item's stored keypoints (at the collection's heatmap size and sigma) and then flipped and
+  cropped exactly as the stored heatmap: the map is flipped, never the keypoints.
 
 Everything random is drawn from generators seeded by (seed, epoch, rank, worker), so an epoch's
 batches do not depend on the process that produces them: a resumed run sees the same data.
@@ -33,7 +36,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
+from pose_prep.heatmaps import DEFAULT_SIGMA, DEFAULT_SIZE
 from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, live_rows
+
+from .groups import render_group_heatmaps
 
 MEAN = (0.485, 0.456, 0.406)   # ImageNet statistics, as torchvision's pretrained weights expect
 STD = (0.229, 0.224, 0.225)
@@ -90,8 +96,18 @@ def heatmap_target(heatmap: np.ndarray, params: np.ndarray, grid: int) -> torch.
     """A stored (h, w) uint8 heatmap → (1, grid, grid) float in [0, 1], flipped and cropped exactly
     as its image (the crop box is in fractions of the picture, which the heatmap covers whole).
     roi_align averages several samples per output cell, so shrinking does not miss thin limbs."""
+    return _follow_augmentation(torch.from_numpy(np.asarray(heatmap, np.float32) / 255.0)[None], params, grid)
+
+
+def group_heatmap_targets(maps: np.ndarray, params: np.ndarray, grid: int) -> torch.Tensor:
+    """Rendered group heatmaps (G, h, w) float in [0, 1] → (G, grid, grid), flipped and cropped
+    exactly as the item's image and stored heatmap (`heatmap_target`)."""
+    return _follow_augmentation(torch.from_numpy(np.ascontiguousarray(maps, np.float32)), params, grid)
+
+
+def _follow_augmentation(x: torch.Tensor, params: np.ndarray, grid: int) -> torch.Tensor:
+    """(C, h, w) maps covering the whole picture → (C, grid, grid) under an augmentation row."""
     applied, flip, x0, y0, x1, y1 = params[:6]
-    x = torch.from_numpy(np.asarray(heatmap, np.float32) / 255.0)[None]
     if not applied:
         x0, y0, x1, y1 = 0.0, 0.0, 1.0, 1.0
     elif flip:
@@ -160,6 +176,9 @@ class ShardStream(IterableDataset):
     gives "encoded": B uint8 tensors of JPEG bytes), "augmentation" (B, 9) float, "heatmap"
     (B, 1, S/4, S/4) float in [0, 1], "has_pose" (B,) bool, "category" (B,) int64 (-1 unknown),
     "attributes" (B, A) float (1, 0, -1 unknown), "path" (list of B relative source paths).
+    With `group_joints` (one COCO-18 joint tuple per attribute group, None for a group without a
+    heatmap; see vsam_train.groups) also "group_heatmap" (B, G, S/4, S/4) float in [0, 1] and
+    "group_has_pose" (B, G) bool: the item has a pose and the group's joints light its heatmap.
 
     `train=True` shuffles, augments and drops the remainder so that every rank gets the same
     number of full batches; `train=False` keeps the stored order and every item (last batch may
@@ -168,7 +187,8 @@ class ShardStream(IterableDataset):
 
     def __init__(self, folder: str | Path, split: str | None, *, image_size: int, batch_size: int, train: bool,
                  augment: dict | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 256, decode: str = "cpu", max_batches: int | None = None):
+                 shuffle_buffer: int = 256, decode: str = "cpu", max_batches: int | None = None,
+                 group_joints: list[tuple[int, ...] | None] | None = None):
         if decode not in ("cpu", "gpu"):
             raise ValueError(f"decode must be 'cpu' or 'gpu', not {decode!r}")
         self.folder = Path(folder)
@@ -185,6 +205,10 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer if train else 0
         self.decode = decode
         self.max_batches = max_batches
+        self.group_joints = list(group_joints) if group_joints is not None else None
+        size = self.info.heatmap.get("size", DEFAULT_SIZE)
+        self.heatmap_size = (size, size) if isinstance(size, int) else tuple(size)
+        self.heatmap_sigma = float(self.info.heatmap.get("sigma", DEFAULT_SIGMA))
         self.epoch = 0
         if train and self.n_items < batch_size * world_size:
             raise ValueError(f"{folder}: split {split!r} has {self.n_items} items, fewer than one batch of "
@@ -227,7 +251,7 @@ class ShardStream(IterableDataset):
         items = items[first * self.batch_size:last * self.batch_size]
         order_rng, augment_rng = (np.random.default_rng(s) for s in
                                   np.random.SeedSequence([self.seed, self.epoch, self.rank, worker_id]).spawn(2))
-        reader = _Reader()
+        reader = _Reader(with_keypoints=self.group_joints is not None)
         try:
             batch = []
             for record in _shuffled(map(reader.record, items), self.shuffle_buffer, order_rng):
@@ -250,6 +274,8 @@ class ShardStream(IterableDataset):
             "attributes": torch.from_numpy(np.stack([r["attributes"] for r in records]).astype(np.float32)),
             "path": [r["path"] for r in records],
         }
+        if self.group_joints is not None:
+            self._add_group_heatmaps(batch, records, params)
         encoded = [torch.frombuffer(bytearray(r["image"]), dtype=torch.uint8) for r in records]
         if self.decode == "gpu":
             batch["encoded"] = encoded
@@ -258,6 +284,14 @@ class ShardStream(IterableDataset):
                 augmented_image(_decode_item(data, r["path"]), batch["augmentation"][i], self.image_size)
                 for i, (data, r) in enumerate(zip(encoded, records))])
         return batch
+
+
+    def _add_group_heatmaps(self, batch: dict, records: list[dict], params: np.ndarray) -> None:
+        maps = [render_group_heatmaps(r["keypoints"], r["width"], r["height"], self.group_joints,
+                                      self.heatmap_size, self.heatmap_sigma) for r in records]
+        lit = torch.from_numpy(np.stack([m.reshape(len(m), -1).max(axis=1) > 0 for m in maps]))
+        batch["group_has_pose"] = lit & batch["has_pose"][:, None]
+        batch["group_heatmap"] = torch.stack([group_heatmap_targets(m, p, self.grid) for m, p in zip(maps, params)])
 
 
 def _decode_item(data: torch.Tensor, path: str) -> torch.Tensor:
@@ -273,19 +307,25 @@ class _Reader:
     whole on first use (one read per dataset), image bytes read per item."""
 
     _COLUMNS = ("image_offsets", "heatmap", "has_pose", "category", "attributes", "path")
+    _POSE_COLUMNS = ("keypoints", "width", "height")
 
-    def __init__(self):
+    def __init__(self, with_keypoints: bool = False):
         self.shards: dict[Path, tuple[Shard, dict]] = {}
+        self.columns = self._COLUMNS + (self._POSE_COLUMNS if with_keypoints else ())
 
     def record(self, item: tuple[Path, int]) -> dict:
         path, row = item
         if path not in self.shards:
             shard = Shard(path)
-            self.shards[path] = (shard, shard.read(self._COLUMNS))
+            self.shards[path] = (shard, shard.read(self.columns))
         shard, data = self.shards[path]
-        return {"image": shard.image(row, data["image_offsets"]), "heatmap": data["heatmap"][row],
-                "has_pose": bool(data["has_pose"][row]), "category": int(data["category"][row]),
-                "attributes": data["attributes"][row], "path": data["path"][row]}
+        record = {"image": shard.image(row, data["image_offsets"]), "heatmap": data["heatmap"][row],
+                  "has_pose": bool(data["has_pose"][row]), "category": int(data["category"][row]),
+                  "attributes": data["attributes"][row], "path": data["path"][row]}
+        if "keypoints" in data:
+            record.update(keypoints=data["keypoints"][row], width=int(data["width"][row]),
+                          height=int(data["height"][row]))
+        return record
 
     def close(self) -> None:
         for shard, _ in self.shards.values():

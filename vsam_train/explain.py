@@ -3,7 +3,8 @@
 Per image and model:
 
 * Ŝ, the hallucinated pose attention (VSAM only), shown in absolute terms: it is a sigmoid, so a
-  dark overlay means low attention everywhere;
+  dark overlay means low attention everywhere; the attribute-group model (attention: groups) adds
+  one map per attribute group ("Ŝ sleeve", ...), its Ŝ being their union (maximum);
 * CAM (Zhou et al.) of the predicted category: Σ_k w_ck · F_k over the category head's conv+ReLU
   features F and its linear layer's weights w. A model without a category head (the DeepFashion
   attribute subset) shows the CAM of its best-scoring attribute instead, from the attribute head.
@@ -182,6 +183,9 @@ def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: lis
     if outputs["attention"] is not None:
         attention = outputs["attention"][0, 0].float().cpu().numpy()
         add("Ŝ (pose attention)", "attention", attention, f"max {attention.max():.2f}")
+    if outputs.get("group_attention") is not None:
+        for name, heat in zip(model.group_names, outputs["group_attention"][0].float().cpu().numpy()):
+            add(f"Ŝ {name}", f"attention-group-{name}", heat, f"max {heat.max():.2f}")
     title, raw = cam(model, outputs, vocabulary)
     add("CAM", "cam", scaled_to_max(raw), title)
     if outputs["attributes"] is not None:

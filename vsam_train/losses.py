@@ -9,6 +9,12 @@ Two heatmap terms (`kind`):
   pixels of each image and over the images that have a pose. The default: see README "Losses".
 * "softmax_l2" (the authors' released code): Ŝ goes through a spatial softmax inside the loss,
   then the L2 norm of (softmax(Ŝ) − S) per image, summed over the batch; they used λ = 10.
+
+The attribute-group model has one map per group: its heatmap term is the same kind of term per
+group map against that group's heatmap, over the items whose group heatmap is lit
+("group_has_pose"), averaged over the groups that have such items in the batch. A batch without
+group heatmaps (e.g. `vsam eval`'s loader) scores the model's combined Ŝ against the stored
+heatmap instead, as for the single model.
 """
 from __future__ import annotations
 
@@ -53,6 +59,18 @@ def heatmap_loss(attention: torch.Tensor, target: torch.Tensor, has_pose: torch.
     raise ValueError(f"unknown heatmap loss {kind!r}; choose one of {HEATMAP_KINDS}")
 
 
+def group_heatmap_loss(group_attention: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                       kind: str = "l2") -> torch.Tensor:
+    """Group maps (B, G, h, w) vs group heatmaps (B, G, h, w), mask (B, G): `heatmap_loss` of each
+    group over its masked items, averaged over the groups with at least one; 0 when none has."""
+    if group_attention.shape != targets.shape:
+        raise ValueError(f"group attention {tuple(group_attention.shape)} and group heatmaps "
+                         f"{tuple(targets.shape)} differ")
+    terms = [heatmap_loss(group_attention[:, g:g + 1], targets[:, g:g + 1], mask[:, g], kind)
+             for g in range(group_attention.shape[1]) if mask[:, g].any()]
+    return torch.stack(terms).mean() if terms else group_attention.sum() * 0.0
+
+
 class VsamLoss(nn.Module):
     """total = w_c · CE(category) + w_a · focal(attributes) + λ · heatmap(Ŝ, S).
 
@@ -82,7 +100,10 @@ class VsamLoss(nn.Module):
         if outputs.get("attributes") is not None:
             parts["attributes"] = focal_loss(outputs["attributes"].float(), batch["attributes"],
                                              self.focal_gamma, self.focal_alpha)
-        if outputs.get("attention") is not None and self.heatmap_weight:
+        if outputs.get("group_attention") is not None and "group_heatmap" in batch and self.heatmap_weight:
+            parts["heatmap"] = group_heatmap_loss(outputs["group_attention"], batch["group_heatmap"],
+                                                  batch["group_has_pose"], self.heatmap_kind)
+        elif outputs.get("attention") is not None and self.heatmap_weight:
             parts["heatmap"] = heatmap_loss(outputs["attention"], batch["heatmap"], batch["has_pose"], self.heatmap_kind)
         total = (self.category_weight * parts["category"] + self.attribute_weight * parts["attributes"]
                  + self.heatmap_weight * parts["heatmap"])

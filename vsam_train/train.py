@@ -25,9 +25,10 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import ConfigError, load_config, save_config
-from .data import ShardStream, decode_on_device, make_loader
+from .data import ShardStream, decode_on_device, make_loader, read_collection
+from .groups import CorrelationAccumulator, plan_for
 from .losses import VsamLoss
-from .models import create_model
+from .models import model_from_config
 
 
 class RunFolderError(RuntimeError):
@@ -108,10 +109,27 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def build_model(config: dict, vocabulary) -> torch.nn.Module:
-    m = config["model"]
-    return create_model(m["name"], len(vocabulary.categories), len(vocabulary.attributes), width=m["width"],
-                        image_size=m["image_size"], batch_norm=m["batch_norm"], pretrained=m["pretrained"],
-                        dropout=m["dropout"], attention_scale=m["attention_scale"])
+    return model_from_config(config, vocabulary, pretrained=config["model"]["pretrained"])
+
+
+def group_joints_for(config: dict, vocabulary) -> list | None:
+    """The loader's `group_joints` for a run: one joint tuple (or None) per attribute group of the
+    groups model; None for every other model (no group heatmaps rendered)."""
+    plan = plan_for(config, vocabulary)
+    return list(plan.joints) if plan is not None else None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside torch.compile and DistributedDataParallel wrappers."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def pooling_mix(step: int, config: dict) -> float:
+    """Groups model: the share of the group maps in attribute pooling at optimizer step `step`:
+    linear from 0 to 1 over model.group_warmup_steps (README "Attribute-group attention")."""
+    warmup = config["model"].get("group_warmup_steps", 0)
+    return min(1.0, step / warmup) if warmup else 1.0
 
 
 def build_optimizer(model: torch.nn.Module, config: dict):
@@ -129,8 +147,11 @@ def images_on_device(batch: dict, device: torch.device, image_size: int, channel
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
+TARGET_KEYS = ("heatmap", "has_pose", "category", "attributes", "group_heatmap", "group_has_pose")
+
+
 def targets_on_device(batch: dict, device: torch.device) -> dict:
-    return {key: batch[key].to(device, non_blocking=True) for key in ("heatmap", "has_pose", "category", "attributes")}
+    return {key: batch[key].to(device, non_blocking=True) for key in TARGET_KEYS if key in batch}
 
 
 # --- one epoch ---------------------------------------------------------------------------------
@@ -144,9 +165,12 @@ def train_one_epoch(model, criterion, optimizer, scheduler, loader, device, epoc
     image_size = config["model"]["image_size"]
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     n_items, started = 0, time.perf_counter()
+    grouped = getattr(unwrap(model), "attention_kind", "single") == "groups"
     bar = tqdm(loader, total=len(loader.dataset), desc=f"epoch {epoch + 1}", disable=not (log and log.main),
                dynamic_ncols=True, mininterval=1.0)
     for batch in bar:
+        if grouped:
+            unwrap(model).set_pooling_mix(pooling_mix(step, config))
         images = images_on_device(batch, device, image_size, channels_last)
         targets = targets_on_device(batch, device)
         with autocast:
@@ -184,13 +208,19 @@ def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
     """Losses and per-item outputs over `loader`: "loss" (and "category_loss", "attribute_loss",
     "heatmap_loss"), "attribute_scores" (N, A) sigmoid probabilities, "attribute_labels" (N, A)
     int8 (-1 unknown), "category_logits" (N, C) or None, "category_labels" (N,), "paths",
-    "attention_mse" (mean squared error of Ŝ vs S over the items with a pose, or None)."""
+    "attention_mse" (mean squared error of Ŝ vs S over the items with a pose, or None),
+    "attention_correlation" (Pearson correlation of Ŝ with S over the pixels of the items with a
+    pose, or None) and, for the groups model on a loader with group heatmaps,
+    "group_attention_correlation" ({group: correlation of its map with its own heatmap}, else None)."""
     model.eval()
     autocast = _autocast(device, config)
     channels_last = config["train"]["channels_last"] and device.type == "cuda"
     image_size = config["model"]["image_size"]
     sums, n_items = torch.zeros(4, dtype=torch.float64), 0
     attention_error, attention_pixels = 0.0, 0
+    group_names = getattr(unwrap(model), "group_names", None)
+    correlation = CorrelationAccumulator(1)
+    group_correlation = CorrelationAccumulator(len(group_names)) if group_names else None
     scores, labels, logits, categories, paths = [], [], [], [], []
     for batch in loader:
         images = images_on_device(batch, device, image_size, channels_last)
@@ -210,6 +240,10 @@ def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
             difference = outputs["attention"][pose].float() - targets["heatmap"][pose]
             attention_error += difference.pow(2).sum().item()
             attention_pixels += difference.numel()
+            correlation.update(outputs["attention"].float(), targets["heatmap"], pose)
+        if group_correlation is not None and outputs.get("group_attention") is not None and "group_heatmap" in targets:
+            group_correlation.update(outputs["group_attention"].float(), targets["group_heatmap"],
+                                     targets["group_has_pose"])
         labels.append(batch["attributes"].to(torch.int8))
         categories.append(batch["category"])
         paths += batch["path"]
@@ -223,6 +257,10 @@ def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
         "category_labels": torch.cat(categories).numpy() if categories else np.zeros(0, np.int64),
         "paths": paths,
         "attention_mse": attention_error / attention_pixels if attention_pixels else None,
+        "attention_correlation": correlation.compute()[0] if attention_pixels else None,
+        "group_attention_correlation": (dict(zip(group_names, group_correlation.compute()))
+                                        if group_correlation is not None and group_correlation.sums[:, 0].any()
+                                        else None),
     }
 
 
@@ -235,6 +273,10 @@ def summarize(result: dict, vocabulary) -> dict:
                "val_items": result["n_items"]}
     if result["attention_mse"] is not None:
         summary["val_attention_mse"] = result["attention_mse"]
+    if result.get("attention_correlation") is not None:
+        summary["val_attention_corr"] = result["attention_correlation"]
+    for group, value in (result.get("group_attention_correlation") or {}).items():
+        summary[f"val_attention_corr/{group}"] = value
     if result["attribute_scores"] is not None and result["n_items"]:
         metrics = compute_metrics(result["attribute_scores"], result["attribute_labels"], vocabulary,
                                   result["category_logits"], result["category_labels"]
@@ -392,16 +434,18 @@ def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) 
     rank, world_size, device = setup_distributed(device_kind)
     seed_everything(t["seed"], t["deterministic"])
 
+    group_joints = group_joints_for(config, read_collection(shards).vocabulary)
     train_stream = ShardStream(shards, d["train_split"], image_size=config["model"]["image_size"],
                                batch_size=t["batch_size"], train=True, augment=d["augment"], seed=t["seed"],
                                rank=rank, world_size=world_size, shuffle_buffer=d["shuffle_buffer"],
-                               decode=d["decode"], max_batches=t["max_steps_per_epoch"])
+                               decode=d["decode"], max_batches=t["max_steps_per_epoch"], group_joints=group_joints)
     vocabulary = train_stream.vocabulary
     val_loader = None
     if rank == 0 and d["val_split"]:
         val_stream = ShardStream(shards, d["val_split"], image_size=config["model"]["image_size"],
                                  batch_size=d["eval_batch_size"] or t["batch_size"], train=False,
-                                 decode=d["decode"], max_batches=d["max_val_batches"])
+                                 decode=d["decode"], max_batches=d["max_val_batches"],
+                                 group_joints=group_joints)
         if val_stream.n_items:
             val_loader = make_loader(val_stream, d["num_workers"], pin_memory=device.type == "cuda")
 

@@ -4,7 +4,10 @@ Every model maps images (B, 3, S, S), normalised as `vsam_train.data.preprocess`
 
 * "category": (B, C) logits (softmax), or None when the data has no categories;
 * "attributes": (B, A) logits (sigmoid), or None when it has no attributes;
-* "attention": Ŝ after its sigmoid, (B, 1, S/4, S/4), or None for the baselines;
+* "attention": Ŝ after its sigmoid, (B, 1, S/4, S/4), or None for the baselines; for the groups
+  model (`attention="groups"`) the union (max) of its group maps, the Ŝ that re-weights block 4;
+* "group_attention": the groups model's maps (B, G, S/4, S/4), one per attribute group in
+  `model.group_names` order; None for every other model;
 * with `return_features=True` also "category_features" and "attribute_features": each head's
   conv + ReLU output (B, 1024·width, S/32, S/32) (None where that head is absent).
 
@@ -23,7 +26,8 @@ from .heads import Head, TwoHeads
 from .resnet import ResNet50
 from .vgg import VGG16, VSAM
 
-MODELS = ("vsam", "vgg16", "resnet50")
+MODELS = ("vsam", "vgg16", "resnet50", "vsam-groups")   # vsam-groups = vsam with attention="groups"
+ATTENTIONS = ("single", "groups")
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -32,16 +36,34 @@ class PretrainedWeightsError(RuntimeError):
 
 def create_model(name: str, num_categories: int, num_attributes: int, *, width: float = 1.0,
                  image_size: int = 224, batch_norm: bool = False, pretrained: str | None = None,
-                 dropout: float = 0.5, attention_scale: float = 20.0) -> TwoHeads:
+                 dropout: float = 0.5, attention_scale: float = 20.0, attention: str = "single",
+                 attribute_groups: list[int] | None = None, group_names: list[str] | None = None,
+                 group_channels: int = 64) -> TwoHeads:
     """Build a model; Kaiming-initialised unless `pretrained` names weights for its trunk:
     "imagenet" (torchvision's weights API: needs the internet or torch's hub cache) or the path of
     a local state_dict file (torchvision's key names, with or without the classifier keys).
 
     `num_categories` may be 0 (no category head; DeepFashion attribute subset). `batch_norm`
-    selects torchvision's vgg16_bn layout (VGG models; ResNet-50 always has batch norm)."""
+    selects torchvision's vgg16_bn layout (VGG models; ResNet-50 always has batch norm).
+
+    `attention="groups"` (VSAM only; the name "vsam-groups" says the same) predicts one map per
+    attribute group: `group_names` (G names) and `attribute_groups` (one index into them per
+    attribute, -1 for none) are then required; `vsam_train.groups.group_plan` derives both from
+    a vocabulary (`model_from_config` does it all from a run's config)."""
+    if name == "vsam-groups":
+        name, attention = "vsam", "groups"
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTIONS)}")
+    if attention == "groups" and name != "vsam":
+        raise ValueError(f"attention groups applies to vsam, not {name!r}")
     if name == "vsam":
+        grouped = attention == "groups"
+        if grouped and group_names is None:
+            raise ValueError("attention groups needs group_names and attribute_groups")
         model = VSAM(num_categories, num_attributes, width=width, image_size=image_size, batch_norm=batch_norm,
-                     dropout=dropout, attention_scale=attention_scale)
+                     dropout=dropout, attention_scale=attention_scale,
+                     attribute_groups=attribute_groups if grouped else None,
+                     group_names=group_names if grouped else None, group_channels=group_channels)
     elif name == "vgg16":
         model = VGG16(num_categories, num_attributes, width=width, image_size=image_size, batch_norm=batch_norm,
                       dropout=dropout)
@@ -52,6 +74,21 @@ def create_model(name: str, num_categories: int, num_attributes: int, *, width: 
     if pretrained:
         load_pretrained_trunk(model, name, pretrained, batch_norm)
     return model
+
+
+def model_from_config(config: dict, vocabulary, pretrained: str | None = None) -> TwoHeads:
+    """The model a run's resolved `config` describes, for `vocabulary` (a shard_format.Vocabulary).
+    Configs written before attribute-group attention existed build the single-attention model."""
+    from ..groups import plan_for
+
+    m = config["model"]
+    plan = plan_for(config, vocabulary)
+    groups = {} if plan is None else {"attention": "groups", "group_names": list(plan.names),
+                                      "attribute_groups": list(plan.attribute_group),
+                                      "group_channels": m.get("group_channels", 64)}
+    return create_model(m["name"], len(vocabulary.categories), len(vocabulary.attributes), width=m["width"],
+                        image_size=m["image_size"], batch_norm=m["batch_norm"], pretrained=pretrained,
+                        dropout=m["dropout"], attention_scale=m["attention_scale"], **groups)
 
 
 def load_pretrained_trunk(model: TwoHeads, name: str, pretrained: str, batch_norm: bool) -> None:
@@ -104,5 +141,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["MODELS", "Head", "PretrainedWeightsError", "ResNet50", "TwoHeads", "VGG16", "VSAM",
-           "count_parameters", "create_model"]
+__all__ = ["ATTENTIONS", "MODELS", "Head", "PretrainedWeightsError", "ResNet50", "TwoHeads", "VGG16", "VSAM",
+           "count_parameters", "create_model", "model_from_config"]

@@ -44,7 +44,8 @@ class TwoHeads(nn.Module):
 
     def forward(self, images: torch.Tensor, return_features: bool = False) -> dict[str, torch.Tensor | None]:
         features, attention = self.trunk(images)
-        out: dict[str, torch.Tensor | None] = {"category": None, "attributes": None, "attention": attention}
+        out: dict[str, torch.Tensor | None] = {"category": None, "attributes": None, "attention": attention,
+                                               "group_attention": None}
         for key, head in (("category", self.category_head), ("attribute", self.attribute_head)):
             logits, head_features = head(features) if head is not None else (None, None)
             out["category" if key == "category" else "attributes"] = logits

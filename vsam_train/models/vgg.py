@@ -5,6 +5,8 @@ The convolutional trunk is built exactly as torchvision's `vgg16` / `vgg16_bn` `
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,10 @@ from .heads import TwoHeads, init_from_scratch
 VGG16_LAYOUT = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 HEAD_CHANNELS = 1024
 ATTENTION_SCALE = 20.0   # the released graph multiplies the pooled attended features by 20
+GROUP_CHANNELS = 64      # per-group 1×1 projection of the combined features (× width)
+# A group map starts flat at this value: about the mean of a group heatmap, so the heatmap loss
+# begins small instead of dragging a 0.5 map down hard (see README "Attribute-group attention").
+GROUP_PRIOR = 0.05
 
 
 def scaled(channels: int, width: float) -> int:
@@ -83,6 +89,47 @@ class SpatialAttention(nn.Module):
         return torch.sigmoid(self.conv(pooled))
 
 
+class GroupAttention(nn.Module):
+    """One Ŝ per attribute group, each in the paper's form: a per-group 1×1 projection of the
+    combined features (+ ReLU), then [channel mean, channel max] → 7×7 conv → sigmoid of that
+    projection. All groups run as one 1×1 conv and one grouped 7×7 conv: (B, G, h, w)."""
+
+    def __init__(self, in_channels: int, groups: int, channels_per_group: int):
+        super().__init__()
+        self.groups, self.channels_per_group = groups, channels_per_group
+        self.project = nn.Conv2d(in_channels, groups * channels_per_group, kernel_size=1)
+        self.conv = nn.Conv2d(2 * groups, groups, kernel_size=7, padding=3, groups=groups)
+
+    def reset_parameters(self) -> None:
+        """Kaiming for the projection (as every conv); the 7×7 conv starts near zero with its bias at
+        logit(GROUP_PRIOR): every map starts flat at the prior and unsaturated. With Kaiming weights
+        the 7×7 conv of unnormalised ReLU features gives logits of ±10 and more, where the sigmoid
+        has no gradient left and a map can stay dead (the prototype's failure)."""
+        nn.init.kaiming_normal_(self.project.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.project.bias)
+        nn.init.normal_(self.conv.weight, 0.0, 1e-3)
+        nn.init.constant_(self.conv.bias, math.log(GROUP_PRIOR / (1 - GROUP_PRIOR)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, _, height, width = x.shape
+        projected = F.relu(self.project(x)).view(batch, self.groups, self.channels_per_group, height, width)
+        pooled = torch.stack([projected.mean(dim=2), projected.amax(dim=2)], dim=2)
+        return torch.sigmoid(self.conv(pooled.view(batch, 2 * self.groups, height, width)))
+
+
+def group_pooling_weights(maps: torch.Tensor, grid: tuple[int, int], mix: torch.Tensor) -> torch.Tensor:
+    """Group maps (B, G, h, w) → pooling weights (B, G + 1, H, W) on the head's grid, each summing
+    to 1: the map area-averaged to the grid and normalised (so the classification loss can move
+    where a map looks but not how bright it is), blended with uniform weights by `mix` (0: plain
+    average pooling, 1: the map alone; the warm-up). The last slot is uniform, for attributes
+    without a group."""
+    weights = F.adaptive_avg_pool2d(maps.float(), grid)
+    weights = weights / weights.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    uniform = weights.new_full((1, 1, *grid), 1.0 / (grid[0] * grid[1]))
+    weights = mix * weights + (1 - mix) * uniform
+    return torch.cat([weights, uniform.expand(weights.shape[0], 1, *grid)], dim=1)
+
+
 class VSAM(_VGGTrunk):
     """Visual Semantic Attention Model (Quintino Ferreira et al., 2019).
 
@@ -92,22 +139,93 @@ class VSAM(_VGGTrunk):
     stride 4) to S/16, multiplied by `attention_scale` and added to block4_pool before block 5."""
 
     def __init__(self, num_categories: int, num_attributes: int, *, width: float = 1.0, image_size: int = 224,
-                 batch_norm: bool = False, dropout: float = 0.5, attention_scale: float = ATTENTION_SCALE):
+                 batch_norm: bool = False, dropout: float = 0.5, attention_scale: float = ATTENTION_SCALE,
+                 attribute_groups: list[int] | None = None, group_names: list[str] | None = None,
+                 group_channels: int = GROUP_CHANNELS):
         super().__init__(num_categories, num_attributes, width, image_size, batch_norm, dropout)
         combined_in = scaled(128, width) + scaled(256, width) + scaled(512, width)
         self.combine = nn.Conv2d(combined_in, scaled(512, width), kernel_size=1)
-        self.attention = SpatialAttention()
+        self.group_names = list(group_names) if group_names is not None else None
+        if self.group_names is None:
+            self.attention = SpatialAttention()
+        else:
+            self._check_groups(attribute_groups, num_attributes)
+            self.attention = GroupAttention(scaled(512, width), len(self.group_names), scaled(group_channels, width))
+            # Group index per attribute column (the uniform slot G for attributes without a group).
+            index = [g if g >= 0 else len(self.group_names) for g in attribute_groups]
+            self.register_buffer("attribute_slot", torch.tensor(index, dtype=torch.long), persistent=False)
+            # Share of the group maps in attribute pooling: the warm-up sets it before every step; it
+            # is saved with the weights, so a checkpoint predicts as it was trained.
+            self.register_buffer("pooling_mix", torch.ones(()))
         self.attention_scale = attention_scale
         init_from_scratch(self)
+        if self.group_names is not None:
+            self.attention.reset_parameters()
 
-    def trunk(self, images):
+    def _check_groups(self, attribute_groups, num_attributes: int) -> None:
+        if not self.group_names:
+            raise ValueError("attention groups: at least one attribute group is needed")
+        if attribute_groups is None or len(attribute_groups) != num_attributes:
+            raise ValueError(f"attention groups: attribute_groups must give one group index per attribute "
+                             f"({num_attributes}), got {attribute_groups!r}")
+        if any(not -1 <= g < len(self.group_names) for g in attribute_groups):
+            raise ValueError(f"attention groups: group indices must lie in -1..{len(self.group_names) - 1}")
+
+    @property
+    def attention_kind(self) -> str:
+        return "single" if self.group_names is None else "groups"
+
+    def set_pooling_mix(self, value: float) -> None:
+        """Groups model: the share of the group maps in attribute pooling (the warm-up schedule)."""
+        self.pooling_mix.fill_(float(value))
+
+    def _attend(self, images):
+        """(block5 features, Ŝ (B, 1, h, w), group maps (B, G, h, w) or None)."""
         block2 = self._run(images, 1, 2)
         block3 = self._run(block2, 3, 3)
         block4 = self._run(block3, 4, 4)
         grid = block2.shape[-2:]
         upsampled = [F.interpolate(b, size=grid, mode="bilinear", align_corners=True) for b in (block3, block4)]
         combined = F.relu(self.combine(torch.cat([block2, *upsampled], dim=1)))
-        attention = self.attention(combined)
+        group_maps = None
+        if self.group_names is None:
+            attention = self.attention(combined)
+        else:
+            # The block-5 feedback gets one Ŝ: the union (max) of the group maps, the counterpart of
+            # the single model's whole-body map (the union of the default groups' joints is the body).
+            group_maps = self.attention(combined)
+            attention = group_maps.amax(dim=1, keepdim=True)
         attended = F.avg_pool2d(combined * attention, kernel_size=2, stride=4)
         block5 = self._run(block4 + self.attention_scale * attended, 5, 5)
+        return block5, attention, group_maps
+
+    def trunk(self, images):
+        block5, attention, _ = self._attend(images)
         return block5, attention
+
+    def forward(self, images: torch.Tensor, return_features: bool = False) -> dict[str, torch.Tensor | None]:
+        if self.group_names is None:
+            return super().forward(images, return_features)
+        features, attention, group_maps = self._attend(images)
+        out: dict[str, torch.Tensor | None] = {"category": None, "attributes": None, "attention": attention,
+                                               "group_attention": group_maps}
+        category_features = attribute_features = None
+        if self.category_head is not None:
+            out["category"], category_features = self.category_head(features)
+        if self.attribute_head is not None:
+            out["attributes"], attribute_features = self._group_pooled_attributes(features, group_maps)
+        if return_features:
+            out["category_features"], out["attribute_features"] = category_features, attribute_features
+        return out
+
+    def _group_pooled_attributes(self, features: torch.Tensor, group_maps: torch.Tensor):
+        """Each attribute's logit from the head features pooled under its own group's map: the
+        shared linear layer applied to one pooled vector per group, then each column taken from
+        its group's row. (logits (B, A), head features (B, K, h, w))."""
+        head = self.attribute_head
+        head_features = head.relu(head.conv(features))
+        weights = group_pooling_weights(group_maps, head_features.shape[-2:], self.pooling_mix)
+        pooled = torch.einsum("bghw,bkhw->bgk", weights.to(head_features.dtype), head_features)
+        logits = head.fc(head.dropout(pooled))                                  # (B, G + 1, A)
+        slot = self.attribute_slot.view(1, 1, -1).expand(logits.shape[0], 1, -1)
+        return logits.gather(1, slot).squeeze(1), head_features
