@@ -67,7 +67,7 @@ VSAM_GOAL_IMAGES_PER_S = 2200   # issue 6: VSAM fed from shards, bf16 channels_l
 EXIT_BAD_INPUT = 2
 
 FULL = {"budget_seconds": 330.0, "epochs": 16, "batch_sizes": "64,256", "steps": 15, "warmup": 5,
-        "loader_batches": 40, "compile_backend": "inductor", "compile_batch_sizes": None, "max_train_items": None,
+        "loader_batches": 80, "compile_backend": "inductor", "compile_batch_sizes": None, "max_train_items": None,
         "min_compile_seconds": 40.0, "compile_reserve": 90.0, "margin": 12.0}
 TINY = {"budget_seconds": 150.0, "epochs": 2, "batch_sizes": "16,32", "steps": 3, "warmup": 1,
         "loader_batches": 4, "compile_backend": "eager", "compile_batch_sizes": "16", "max_train_items": 512,
@@ -146,6 +146,19 @@ class Report:
     def skip(self, item: str, reason: str) -> None:
         self.data["skipped"].append({"item": item, "reason": reason})
         print(f"skipped {item}: {reason}", flush=True)
+
+    def attempt(self, item: str, work, *args, **kwargs):
+        """`work(*args, **kwargs)`, or None with the error recorded as the reason `item` was
+        skipped: one failing measurement (a CUDA error, a codec that refuses) must not cost the
+        rest of a run on a scarce GPU slot."""
+        try:
+            return work(*args, **kwargs)
+        except Exception as error:   # noqa: BLE001 — recorded in the JSON, with its traceback
+            import traceback
+
+            self.data.setdefault("errors", []).append({"item": item, "traceback": traceback.format_exc()[-4000:]})
+            self.skip(item, f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            return None
 
     def phase(self, name: str, started: float) -> None:
         self.data["timings"][name] = round(time.monotonic() - started, 3)
@@ -234,7 +247,7 @@ def measure_loader(name: str, batches, n_batches: int, device: torch.device, to_
     iterator = iter(batches)
     synchronize(device)
     first = time.perf_counter()
-    to_device(next(iterator))
+    first_images = len(to_device(next(iterator)))
     synchronize(device)
     first_seconds = time.perf_counter() - first
     images, timed_from = 0, time.perf_counter()
@@ -243,9 +256,11 @@ def measure_loader(name: str, batches, n_batches: int, device: torch.device, to_
     synchronize(device)
     seconds = time.perf_counter() - timed_from
     del iterator   # stops the workers
+    total = time.perf_counter() - started
     return {"name": name, "images": images, "seconds": round(seconds, 4),
             "images_per_s": images / seconds if seconds > 0 else None,
-            "first_batch_seconds": round(first_seconds, 4), "total_seconds": round(time.perf_counter() - started, 4)}
+            "first_batch_seconds": round(first_seconds, 4), "total_seconds": round(total, 4),
+            "images_per_s_including_start": (images + first_images) / total}
 
 
 def loader_phase(args, config: dict, train, device: torch.device, report: Report, measure_until: float) -> dict:
@@ -279,12 +294,12 @@ def loader_phase(args, config: dict, train, device: torch.device, report: Report
         if time.monotonic() > measure_until:
             report.skip(f"loader/{name}", f"the measurements used their share of the budget ({MEASURE_SHARE:.0%})")
             continue
-        results[name] = run()
-        if name == "device_decode":
-            results[name]["device"] = str(device)
+        result = report.attempt(f"loader/{name}", run)
+        if result is not None:
+            results[name] = {**result, "device": str(device)} if name == "device_decode" else result
     results["resident"] = results.get("resident", {})
     results["resident"].update({"decode_once_seconds": round(train.decode_seconds, 3), "items": len(train),
-                                "bytes": train.nbytes})
+                                "bytes": train.nbytes, "decoded_on": train.decode_device})
     return results
 
 
@@ -326,6 +341,10 @@ def throughput_rows(args, config: dict, models: list[str], batch_sizes: list[int
                 row.update(measure_training(trainers[name], batches, batch_size, args.steps, args.warmup, device))
             except torch.cuda.OutOfMemoryError as error:   # bs 256 of a big model on a small card
                 row["skipped"] = f"out of memory ({str(error).splitlines()[0]})"
+                release(device)
+            except Exception as error:   # noqa: BLE001 — e.g. a compiler failure: the next row may work
+                row["skipped"] = f"failed: {type(error).__name__}: {str(error)[:500]}"
+                trainers.pop(name, None)
                 release(device)
             emit(row)
     trainers.clear()
@@ -506,9 +525,13 @@ def training_phase(args, config, models, seeds, train, val, device, report: Repo
             for name in models:
                 print(f"training {name} seed {seed}{' (batch norm)' if batch_norm else ''}: {n_epochs} epochs",
                       flush=True)
-                runs.append(train_run(config, name, seed, batch_norm, n_epochs, train, val, val_batches, device,
-                                      budget, baseline, args.stuck_margin))
-                phase["runs"].append(runs[-1])
+                run = report.attempt(f"training/{name}/seed{seed}{'/batch_norm' if batch_norm else ''}", train_run,
+                                     config, name, seed, batch_norm, n_epochs, train, val, val_batches, device,
+                                     budget, baseline, args.stuck_margin)
+                release(device)
+                if run is not None:
+                    runs.append(run)
+                    phase["runs"].append(run)
                 report.save()
         return runs
 
@@ -576,6 +599,8 @@ def compile_phase(args, config, models, device, report: Report, budget: Budget) 
     report.data["compile_child"] = {"seconds": round(time.monotonic() - started, 3), "ended": ended,
                                     "timeout_seconds": round(timeout, 1), "backend": args.compile_backend,
                                     "log": log_path.name}
+    if child.returncode != 0:
+        report.data["compile_child"]["log_tail"] = log_path.read_text(errors="replace")[-3000:]
     return rows
 
 
@@ -800,8 +825,8 @@ def main(argv=None) -> dict:
     size, d = config["model"]["image_size"], config["data"]
 
     started = time.monotonic()
-    train = load_resident_split(args.shards, d["train_split"], size, device, max_items=args.max_train_items)
-    val = load_resident_split(args.shards, d["val_split"], size, device)
+    train = load_split(args, d["train_split"], size, device, report, args.max_train_items)
+    val = load_split(args, d["val_split"], size, device, report, None)
     report.data["data"].update({"train_items": len(train), "val_items": len(val),
                                 "decode_seconds": {"train": train.decode_seconds, "val": val.decode_seconds}})
     report.phase("data", started)
@@ -837,6 +862,18 @@ def main(argv=None) -> dict:
     (args.out / "summary.txt").write_text(text + "\n")
     print(text, flush=True)
     return report.data
+
+
+def load_split(args, split: str, size: int, device: torch.device, report: Report, max_items: int | None):
+    """The split in device memory, decoded there (nvjpeg on CUDA); if the device's decoder fails,
+    decoded on the CPU instead (recorded), so that the rest of the run still happens."""
+    resident = report.attempt(f"data/{split}/decode on {device.type}", load_resident_split, args.shards, split,
+                              size, device, max_items=max_items)
+    if resident is None and device.type != "cpu":
+        resident = load_resident_split(args.shards, split, size, device, max_items=max_items, decode_device="cpu")
+    if resident is None:
+        raise SystemExit(_fail(f"{args.shards}: the {split} split cannot be read (see {JSON_NAME})"))
+    return resident
 
 
 def _keep_row(row: dict, rows: list[dict], report: Report) -> None:

@@ -50,6 +50,7 @@ def test_tiny_run_writes_a_complete_json_and_prints_the_table_last(tiny_run):
     assert data["settings"]["tiny"] is True and data["settings"]["models"] == ["vsam", "vgg16"]
     assert data["data"]["splits"]["train"] == 96 and data["data"]["splits"]["val"] == 24
     assert data["data"]["train_items"] == 96 and data["data"]["val_items"] == 24
+    assert "errors" not in data, data.get("errors")
     assert data["forbidden_modules_loaded"] == []   # no detector, mediapipe, captum or onnx on this path
     assert set(data["timings"]) == {"data", "loader", "throughput_eager", "training", "throughput_compiled"}
     assert all(_finite_positive(seconds) for seconds in data["timings"].values())

@@ -44,6 +44,7 @@ class ResidentSplit:
     paths: list[str]
     vocabulary: Vocabulary
     decode_seconds: float         # reading the shards, decoding and resizing (device synchronised)
+    decode_device: str = "cpu"    # where the JPEGs were decoded
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -59,11 +60,13 @@ def _synchronize(device: torch.device) -> None:
 
 
 def load_resident_split(folder: str | Path, split: str, image_size: int, device: torch.device | str, *,
-                        max_items: int | None = None, chunk: int = 256) -> ResidentSplit:
-    """Read the live items of `split` (stored order, at most `max_items`) and decode them onto
-    `device`: JPEGs in chunks with `torchvision.io.decode_jpeg` (nvjpeg when `device` is CUDA),
-    each stretched to `image_size`² with antialiasing and kept as uint8."""
+                        max_items: int | None = None, chunk: int = 256,
+                        decode_device: torch.device | str | None = None) -> ResidentSplit:
+    """Read the live items of `split` (stored order, at most `max_items`) into memory on `device`:
+    JPEGs decoded in chunks with `torchvision.io.decode_jpeg` on `decode_device` (default `device`:
+    nvjpeg when it is CUDA), each stretched to `image_size`² with antialiasing, kept as uint8."""
     device = torch.device(device)
+    decode_device = torch.device(decode_device) if decode_device is not None else device
     started = time.perf_counter()
     vocabulary = read_collection(folder).vocabulary
     encoded, heatmaps, has_pose, category, attributes, paths = [], [], [], [], [], []
@@ -86,15 +89,16 @@ def load_resident_split(folder: str | Path, split: str, image_size: int, device:
         raise ShardFormatError(f"{folder}: split {split!r} holds no items")
     images = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8, device=device)
     for first in range(0, len(paths), chunk):
-        for offset, image in enumerate(_decode(encoded[first:first + chunk], paths[first:first + chunk], device)):
-            images[first + offset] = TF.resize(image, [image_size, image_size], antialias=True)
+        decoded = _decode(encoded[first:first + chunk], paths[first:first + chunk], decode_device)
+        for offset, image in enumerate(decoded):
+            images[first + offset] = TF.resize(image, [image_size, image_size], antialias=True).to(device)
     resident = ResidentSplit(
         images=images,
         heatmaps=torch.from_numpy(np.concatenate(heatmaps)).unsqueeze(1).to(device),
         has_pose=torch.from_numpy(np.concatenate(has_pose).astype(bool)).to(device),
         category=torch.from_numpy(np.concatenate(category).astype(np.int64)),
         attributes=torch.from_numpy(np.concatenate(attributes).astype(np.float32)),
-        paths=paths, vocabulary=vocabulary, decode_seconds=0.0)
+        paths=paths, vocabulary=vocabulary, decode_seconds=0.0, decode_device=str(decode_device))
     _synchronize(device)
     resident.decode_seconds = time.perf_counter() - started
     return resident
