@@ -218,6 +218,8 @@ def shards_verify(folder) -> None:
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML recipe (default: the paper's, as configs/paper.yaml).")
 @click.option("--model", type=click.Choice(["vsam", "vgg16", "resnet50"]), help="model.name")
+@click.option("--attention", type=click.Choice(["single", "groups"]),
+              help="model.attention (vsam): the paper's one Ŝ, or one map per attribute group.")
 @click.option("--epochs", type=click.IntRange(1), help="train.epochs")
 @click.option("--batch-size", type=click.IntRange(1), help="train.batch_size (per process)")
 @click.option("--width", type=float, help="model.width (channel multiplier)")
@@ -232,8 +234,8 @@ def shards_verify(folder) -> None:
               help="Any other config value, e.g. --set loss.heatmap_loss.kind=softmax_l2 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when present.")
-def train(shards, out, config_file, model, epochs, batch_size, width, image_size, pretrained, workers, decode,
-          compile, deterministic, assignments, resume, device) -> None:
+def train(shards, out, config_file, model, attention, epochs, batch_size, width, image_size, pretrained, workers,
+          decode, compile, deterministic, assignments, resume, device) -> None:
     """Train VSAM (or a baseline) on a shard folder; under torchrun, with DDP.
 
     Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config."""
@@ -246,9 +248,10 @@ def train(shards, out, config_file, model, epochs, batch_size, width, image_size
     from vsam_train.train import RunFolderError, main as train_main, resolve_run_config
 
     overrides = {key: value for key, value in (
-        ("model.name", model), ("train.epochs", epochs), ("train.batch_size", batch_size), ("model.width", width),
-        ("model.image_size", image_size), ("model.pretrained", pretrained), ("data.num_workers", workers),
-        ("data.decode", decode), ("train.compile", compile), ("train.deterministic", deterministic))
+        ("model.name", model), ("model.attention", attention), ("train.epochs", epochs),
+        ("train.batch_size", batch_size), ("model.width", width), ("model.image_size", image_size),
+        ("model.pretrained", pretrained), ("data.num_workers", workers), ("data.decode", decode),
+        ("train.compile", compile), ("train.deterministic", deterministic))
         if value is not None}
     for assignment in assignments:
         key, sep, value = assignment.partition("=")

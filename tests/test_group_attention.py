@@ -349,8 +349,9 @@ def test_groups_model_trains_on_real_shards_and_its_maps_learn_their_heatmaps(gr
     assert metrics[-1]["val_attention_corr"] > 0
 
 
-def test_a_groups_checkpoint_loads_and_predicts_with_its_group_maps(groups_run, df_shards):
+def test_a_groups_checkpoint_loads_predicts_and_exports(groups_run, tmp_path):
     from vsam_train.checkpoint import load_for_inference
+    from vsam_train.export import export_checkpoint
 
     config, run, _ = groups_run
     model, info = load_for_inference(run / "checkpoints" / "last.pt")
@@ -359,6 +360,30 @@ def test_a_groups_checkpoint_loads_and_predicts_with_its_group_maps(groups_run, 
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out["group_attention"].shape == (1, 6, 16, 16) and out["attributes"].shape == (1, 26)
+    exported = export_checkpoint(run / "checkpoints" / "last.pt", "onnx", tmp_path / "groups.onnx")
+    assert exported.outputs == ["attributes", "attention"] and exported.max_difference < 1e-4
+
+
+def test_cli_trains_the_groups_model_with_attention_groups(df_shards, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main as vsam
+    from vsam_train.checkpoint import load_checkpoint
+
+    common = ["train", "--shards", str(df_shards), "--config", str(TINY), "--device", "cpu", "--epochs", "1",
+              "--batch-size", "16", "--workers", "0", "--set", "train.max_steps_per_epoch=2",
+              "--set", "data.max_val_batches=1"]
+    previous = torch.get_num_threads()
+    try:
+        result = CliRunner().invoke(vsam, [*common, "--out", str(tmp_path / "run"), "--attention", "groups"])
+        assert result.exit_code == 0, result.output
+        refused = CliRunner().invoke(vsam, [*common, "--out", str(tmp_path / "b"), "--attention", "groups",
+                                            "--model", "vgg16"])
+    finally:
+        torch.set_num_threads(previous)
+    state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert state["config"]["model"]["attention"] == "groups" and "attention.project.weight" in state["model"]
+    assert refused.exit_code == 2 and "applies to model.name vsam" in refused.output
 
 
 def test_explain_shows_one_overlay_per_group_for_the_groups_model(groups_run, df_val_images, tmp_path):

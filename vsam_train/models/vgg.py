@@ -117,17 +117,21 @@ class GroupAttention(nn.Module):
         return torch.sigmoid(self.conv(pooled.view(batch, 2 * self.groups, height, width)))
 
 
-def group_pooling_weights(maps: torch.Tensor, grid: tuple[int, int], mix: torch.Tensor) -> torch.Tensor:
-    """Group maps (B, G, h, w) → pooling weights (B, G + 1, H, W) on the head's grid, each summing
-    to 1: the map area-averaged to the grid and normalised (so the classification loss can move
-    where a map looks but not how bright it is), blended with uniform weights by `mix` (0: plain
-    average pooling, 1: the map alone; the warm-up). The last slot is uniform, for attributes
-    without a group."""
-    weights = F.adaptive_avg_pool2d(maps.float(), grid)
+# Ŝ is at S/4, the heads' features at S/32: a group map is averaged over 8×8 cells per feature cell.
+MAP_TO_HEAD = 8
+
+
+def group_pooling_weights(maps: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """Group maps (B, G, S/4, S/4) → pooling weights (B, G + 1, S/32, S/32) on the heads' grid, each
+    summing to 1: the map area-averaged to the grid and normalised (so the classification loss can
+    move where a map looks but not how bright it is), blended with uniform weights by `mix` (0:
+    plain average pooling, 1: the map alone; the warm-up). The last slot is uniform, for
+    attributes without a group. (Shapes come from tensors only, so the model exports to ONNX.)"""
+    weights = F.avg_pool2d(maps.float(), kernel_size=MAP_TO_HEAD)
     weights = weights / weights.sum(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-    uniform = weights.new_full((1, 1, *grid), 1.0 / (grid[0] * grid[1]))
-    weights = mix * weights + (1 - mix) * uniform
-    return torch.cat([weights, uniform.expand(weights.shape[0], 1, *grid)], dim=1)
+    uniform = torch.ones_like(weights[:, :1])
+    uniform = uniform / uniform.sum(dim=(2, 3), keepdim=True)
+    return torch.cat([mix * weights + (1 - mix) * uniform, uniform], dim=1)
 
 
 class VSAM(_VGGTrunk):
@@ -224,7 +228,7 @@ class VSAM(_VGGTrunk):
         its group's row. (logits (B, A), head features (B, K, h, w))."""
         head = self.attribute_head
         head_features = head.relu(head.conv(features))
-        weights = group_pooling_weights(group_maps, head_features.shape[-2:], self.pooling_mix)
+        weights = group_pooling_weights(group_maps, self.pooling_mix)
         pooled = torch.einsum("bghw,bkhw->bgk", weights.to(head_features.dtype), head_features)
         logits = head.fc(head.dropout(pooled))                                  # (B, G + 1, A)
         slot = self.attribute_slot.view(1, 1, -1).expand(logits.shape[0], 1, -1)
