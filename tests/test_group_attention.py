@@ -11,12 +11,12 @@ from pose_prep.heatmaps import DEFAULT_SIGMA
 from pose_prep.keypoints import JOINT_INDEX
 from pose_prep.shard_format import Vocabulary
 from vsam_train.config import DEFAULTS, ConfigError, load_config
-from vsam_train.data import ShardStream, heatmap_target, make_loader, read_collection
+from vsam_train.data import ShardStream, heatmap_target, make_loader, read_collection, split_group_heatmaps
 from vsam_train.groups import (CorrelationAccumulator, GroupPlanError, attention_correlation, group_plan,
                                render_group_heatmaps)
 from vsam_train.losses import VsamLoss, group_heatmap_loss, heatmap_loss
 from vsam_train.models import create_model, model_from_config
-from vsam_train.train import group_joints_for
+from vsam_train.train import group_joints_for, pooling_mix, unwrap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -226,6 +226,17 @@ def test_group_heatmaps_are_flipped_and_cropped_with_the_image_and_their_union_i
     assert found == 8
 
 
+def test_a_split_rendered_at_once_matches_the_loader_for_in_memory_training(df_shards):
+    """data.split_group_heatmaps: what a split held in (GPU) memory needs, in the stored order."""
+    joints = group_joints_for(load_config(None, {"model.attention": "groups"}), read_collection(df_shards).vocabulary)
+    maps, lit, paths = split_group_heatmaps(df_shards, "val", joints, max_items=20)
+    stream = ShardStream(df_shards, "val", image_size=224, batch_size=20, train=False, group_joints=joints)
+    batch = next(iter(make_loader(stream, num_workers=0)))
+    assert paths == batch["path"] and maps.shape == (20, 6, 56, 56) and maps.dtype == np.uint8
+    torch.testing.assert_close(torch.from_numpy(maps / np.float32(255)), batch["group_heatmap"], rtol=0, atol=0.51 / 255)
+    assert torch.equal(torch.from_numpy(lit), batch["group_has_pose"])
+
+
 def test_rendering_groups_once_per_distinct_joint_set_matches_one_render_each():
     from pose_prep.heatmaps import render
 
@@ -271,12 +282,26 @@ def test_each_groups_attributes_are_pooled_under_its_own_map():
         expected = pooled @ model.attribute_head.fc.weight[a] + model.attribute_head.fc.bias[a]
         torch.testing.assert_close(out["attributes"][:, a], expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(weights[:, 1], weights[:, 2])    # sleeve and length pool differently
+    # the trainer reaches the model through its wrappers (compile, DDP, recorders) to set the warm-up
+    assert unwrap(_Wrapper(_Wrapper(model, "module"), "_orig_mod")) is model
     # warm-up: mix 0 is plain average pooling for every group
     model.set_pooling_mix(0.0)
     with torch.no_grad():
         plain = model(images, return_features=True)
     gap = plain["attribute_features"].mean(dim=(2, 3))
     torch.testing.assert_close(plain["attributes"], model.attribute_head.fc(gap), rtol=1e-4, atol=1e-5)
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, inner, name):
+        super().__init__()
+        setattr(self, name, inner)
+
+
+def test_pooling_warm_up_is_linear_and_off_when_zero():
+    config = _groups_config(**{"model.group_warmup_steps": 40})
+    assert [pooling_mix(step, config) for step in (0, 10, 40, 400)] == [0.0, 0.25, 1.0, 1.0]
+    assert pooling_mix(0, _groups_config(**{"model.group_warmup_steps": 0})) == 1.0
 
 
 # --- the loss ----------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
-from pose_prep.heatmaps import DEFAULT_SIGMA, DEFAULT_SIZE
+from pose_prep.heatmaps import DEFAULT_SIGMA, DEFAULT_SIZE, to_uint8
 from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, live_rows
 
 from .groups import render_group_heatmaps
@@ -169,6 +169,40 @@ def read_collection(folder: str | Path) -> CollectionInfo:
                           json.loads(meta.get("image_encoding") or '{"format": "jpeg"}'))
 
 
+def heatmap_geometry(info: CollectionInfo) -> tuple[tuple[int, int], float]:
+    """((H, W), sigma) of the collection's stored heatmaps: group heatmaps are rendered alike."""
+    size = info.heatmap.get("size", DEFAULT_SIZE)
+    return ((size, size) if isinstance(size, int) else tuple(size)), float(info.heatmap.get("sigma", DEFAULT_SIGMA))
+
+
+def split_group_heatmaps(folder: str | Path, split: str, group_joints: list[tuple[int, ...] | None],
+                         max_items: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every live item of `split` (stored order: the order of `live_rows`, cut at `max_items`, as
+    `fast.load_resident_split` reads them): its group heatmaps rendered from the stored keypoints
+    as uint8 (N, G, H, W) (255 = 1.0, like the stored heatmaps), "group_has_pose" (N, G) bool and
+    the paths. For splits held in memory; ShardStream renders per batch instead."""
+    info = read_collection(folder)
+    size, sigma = heatmap_geometry(info)
+    maps, lit, paths = [], [], []
+    for shard_path, rows in live_rows(folder, (split,)).items():
+        if max_items is not None:
+            rows = rows[:max(0, max_items - len(paths))]
+        if len(rows) == 0:
+            continue
+        with Shard(shard_path) as shard:
+            data = shard.read(("keypoints", "width", "height", "has_pose", "path"))
+        for row in rows:
+            rendered = render_group_heatmaps(data["keypoints"][row], int(data["width"][row]), int(data["height"][row]),
+                                             group_joints, size, sigma)
+            maps.append(to_uint8(rendered))
+            lit.append(rendered.reshape(len(rendered), -1).max(axis=1) > 0 if data["has_pose"][row]
+                       else np.zeros(len(rendered), bool))
+            paths.append(data["path"][row])
+    if not paths:
+        return np.zeros((0, len(group_joints), *size), np.uint8), np.zeros((0, len(group_joints)), bool), []
+    return np.stack(maps), np.stack(lit), paths
+
+
 class ShardStream(IterableDataset):
     """Batches of one split of a shard collection; see the module docstring.
 
@@ -206,9 +240,7 @@ class ShardStream(IterableDataset):
         self.decode = decode
         self.max_batches = max_batches
         self.group_joints = list(group_joints) if group_joints is not None else None
-        size = self.info.heatmap.get("size", DEFAULT_SIZE)
-        self.heatmap_size = (size, size) if isinstance(size, int) else tuple(size)
-        self.heatmap_sigma = float(self.info.heatmap.get("sigma", DEFAULT_SIGMA))
+        self.heatmap_size, self.heatmap_sigma = heatmap_geometry(self.info)
         self.epoch = 0
         if train and self.n_items < batch_size * world_size:
             raise ValueError(f"{folder}: split {split!r} has {self.n_items} items, fewer than one batch of "

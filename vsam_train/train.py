@@ -120,9 +120,15 @@ def group_joints_for(config: dict, vocabulary) -> list | None:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside torch.compile and DistributedDataParallel wrappers."""
-    model = getattr(model, "_orig_mod", model)
-    return getattr(model, "module", model)
+    """The model inside torch.compile, DistributedDataParallel and other wrappers that keep it as
+    `_orig_mod`, `module` or `model` (e.g. fast.AttentionRecorder)."""
+    for _ in range(8):
+        inner = next((getattr(model, name) for name in ("_orig_mod", "module", "model")
+                      if isinstance(getattr(model, name, None), torch.nn.Module)), None)
+        if inner is None:
+            break
+        model = inner
+    return model
 
 
 def pooling_mix(step: int, config: dict) -> float:
