@@ -62,6 +62,19 @@ def test_batched_augmentation_equals_the_per_item_functions(resident_val):
         torch.testing.assert_close(heatmaps[i], expected_heatmap, rtol=0, atol=1e-6)
 
 
+def test_extra_maps_are_augmented_like_the_heatmap_and_extra_items_gathered(resident_val):
+    from dataclasses import replace
+
+    doubled = replace(resident_val, extra_maps={"pair": resident_val.heatmaps.repeat(1, 2, 1, 1)},
+                      extra_items={"number": torch.arange(len(resident_val))})
+    batches = ResidentBatches(doubled, image_size=64, batch_size=6, train=True, augment=AUGMENT, seed=2)
+    for batch in batches:
+        assert batch["pair"].shape == (6, 2, 16, 16)
+        assert torch.equal(batch["pair"][:, :1], batch["heatmap"]) and torch.equal(batch["pair"][:, 1:], batch["heatmap"])
+        assert [resident_val.paths[i] for i in batch["number"].tolist()] == batch["path"]
+    assert doubled.nbytes == resident_val.nbytes + resident_val.heatmaps.numel() * 2 + 8 * len(resident_val)
+
+
 def test_training_batches_cover_each_item_once_per_epoch_and_change_with_the_epoch(resident_val):
     batches = ResidentBatches(resident_val, image_size=64, batch_size=5, train=True, augment=AUGMENT, seed=1)
     assert len(batches) == len(batches.dataset) == 4   # 24 items: 4 full batches, 4 left out

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +45,19 @@ class ResidentSplit:
     vocabulary: Vocabulary
     decode_seconds: float         # reading the shards, decoding and resizing (device synchronised)
     decode_device: str = "cpu"    # where the JPEGs were decoded
+    # More per-item targets, batched under their key: maps (N, C, h, w) uint8 on the device are
+    # flipped and cropped like `heatmaps` (e.g. one heatmap per attribute group), items (N, ...)
+    # on the device are gathered as they are.
+    extra_maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_items: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     @property
     def nbytes(self) -> int:
-        return self.images.numel() + self.heatmaps.numel()
+        tensors = [self.images, self.heatmaps, *self.extra_maps.values(), *self.extra_items.values()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -217,7 +223,7 @@ class ResidentBatches:
         for b in range(len(self)):
             part = slice(b * self.batch_size, (b + 1) * self.batch_size)
             index = order_device[part]
-            yield {
+            batch = {
                 "image": augment_batch(self.split.images[index], params_device[part], self.image_size),
                 "heatmap": heatmap_batch(self.split.heatmaps[index], params_device[part], self.grid),
                 "has_pose": self.split.has_pose[index],
@@ -226,6 +232,11 @@ class ResidentBatches:
                 "augmentation": params_cpu[part],
                 "path": [self.split.paths[i] for i in order[part]],
             }
+            for key, maps in self.split.extra_maps.items():
+                batch[key] = heatmap_batch(maps[index], params_device[part], self.grid)
+            for key, values in self.split.extra_items.items():
+                batch[key] = values[index]
+            yield batch
 
 
 class AttentionRecorder(torch.nn.Module):
