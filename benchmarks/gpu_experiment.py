@@ -1,7 +1,7 @@
 """The GPU experiment (issue 6): throughput and VSAM vs VGG16 on one shard collection, in one run.
 
-    benchmarks/gpu_experiment.sh --shards gpu-shards/ --out gpu-out/              # one CUDA GPU, ≤ 6 min
-    benchmarks/gpu_experiment.sh --shards S --out O --tiny                        # CPU, tiny, ~1 min
+    benchmarks/gpu_experiment.sh --shards gpu-shards/ --out runs/gpu-experiment   # one CUDA GPU, < 6 min
+    benchmarks/gpu_experiment.sh --shards S --out O --tiny                        # CPU check, ~30 s
 
 Phases, each guarded by the time budget (`--budget-seconds`, counted from the start of this
 script, imports included); whatever does not fit is skipped and the reason recorded:
@@ -20,7 +20,9 @@ script, imports included); whatever does not fit is skipped and the reason recor
    (compiling cannot be interrupted in-process): the measurements it finished are kept.
 
 Everything lands in OUT/gpu_experiment.json (rewritten after each phase, so a kill leaves the phases
-done) and the table printed last is also OUT/summary.txt.
+done) and the table printed last is also OUT/summary.txt. Exit codes: 0 done (items skipped for the
+budget are part of a normal run), 1 done but some measurement failed (its traceback is in the JSON's
+"errors"), 2 unusable input (no collection, no train or val split, unknown model, no CUDA without --tiny).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ MODEL_SPECS: dict[str, dict] = {"vsam": {"model.name": "vsam"}, "vgg16": {"model
 # Modules the GPU machine does not have (or this path must not need): recorded if loaded.
 FORBIDDEN_MODULES = ("pose_prep.detectors", "mediapipe", "ultralytics", "captum", "onnx", "onnxruntime")
 VSAM_GOAL_IMAGES_PER_S = 2200   # issue 6: VSAM fed from shards, bf16 channels_last bs 64, one H100
+EXIT_FAILED_MEASUREMENT = 1
 EXIT_BAD_INPUT = 2
 
 FULL = {"budget_seconds": 330.0, "epochs": 15, "batch_sizes": "64,256", "steps": 15, "warmup": 5,
@@ -91,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", help="cuda (default when present) or cpu (only with --tiny)")
     parser.add_argument("--compare", default="vsam,vgg16", help=f"models to train, of {', '.join(MODEL_SPECS)}")
     parser.add_argument("--seeds", type=int, default=1, help="train each model with seeds 0..N-1")
-    parser.add_argument("--epochs", type=int, help="epochs per training run (full 15, tiny 2); fewer if the budget says so")
+    parser.add_argument("--epochs", type=int,
+                        help="epochs per training run (full 15, tiny 2); fewer if the budget says so")
     parser.add_argument("--image-size", type=int, help="training resolution (full 224, tiny 64)")
     parser.add_argument("--batch-sizes", help="throughput batch sizes (full 64,256, tiny 16,32)")
     parser.add_argument("--steps", type=int, help="timed steps per throughput figure")
@@ -191,7 +195,8 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         properties = torch.cuda.get_device_properties(device)
         env.update({"device": torch.cuda.get_device_name(device), "cuda": torch.version.cuda,
-                    "cudnn": torch.backends.cudnn.version(), "capability": list(torch.cuda.get_device_capability(device)),
+                    "cudnn": torch.backends.cudnn.version(),
+                    "capability": list(torch.cuda.get_device_capability(device)),
                     "device_memory_gb": round(properties.total_memory / 2**30, 1)})
     return env
 
@@ -673,7 +678,8 @@ def summary(data: dict) -> str:
              f"{s['image_size']} px · {'TINY (CPU check) · ' if s['tiny'] else ''}"
              f"{data['elapsed_seconds']:.0f} s of {s['budget_seconds']:.0f} s"]
     d = data["data"]
-    lines.append(f"shards {d['shards']}: {d['bytes'] / 1e6:.1f} MB{'' if d['under_60_mb'] else ' (over the 60 MB meant for copying)'}, "
+    too_big = "" if d["under_60_mb"] else " (over the 60 MB meant for copying)"
+    lines.append(f"shards {d['shards']}: {d['bytes'] / 1e6:.1f} MB{too_big}, "
                  f"train {d.get('train_items')} (of {d['splits'].get('train')}), val {d.get('val_items')}")
     loader = data.get("loader", {})
     lines.append("loader img/s (batch {}): ".format(loader.get("batch_size")) + " · ".join(
@@ -734,7 +740,8 @@ def _training_summary(training: dict | None) -> list[str]:
         groups = [g for g in baseline["group_top1"] if g != "mean"]
         table.append(["group top-1 mean"] + metric(lambda m: m["group_top1"]["mean"])
                      + [base(lambda m: m["group_top1"]["mean"])])
-        table += [[f"  top-1 {g}"] + metric(lambda m, g=g: m["group_top1"][g]) + [base(lambda m, g=g: m["group_top1"][g])]
+        table += [[f"  top-1 {g}"] + metric(lambda m, g=g: m["group_top1"][g])
+                  + [base(lambda m, g=g: m["group_top1"][g])]
                   for g in groups]
     for key in ("P@k", "R@k", "F1@k", "AP"):
         table.append([key] + metric(lambda m, k=key: m[k]) + [base(lambda m, k=key: m[k])])
@@ -781,7 +788,8 @@ def _fail(message: str) -> int:
 def check_inputs(args, config: dict) -> dict:
     unknown = [name for name in args.compare.split(",") if name not in MODEL_SPECS]
     if unknown or not args.compare:
-        raise SystemExit(_fail(f"--compare: unknown model(s) {', '.join(unknown)}; choose from {', '.join(MODEL_SPECS)}"))
+        raise SystemExit(_fail(f"--compare: unknown model(s) {', '.join(unknown)}; "
+                               f"choose from {', '.join(MODEL_SPECS)}"))
     if args.seeds < 1 or args.epochs < 1:
         raise SystemExit(_fail("--seeds and --epochs must be at least 1"))
     try:
@@ -875,6 +883,7 @@ def load_split(args, split: str, size: int, device: torch.device, report: Report
     if resident is None and device.type != "cpu":
         resident = load_resident_split(args.shards, split, size, device, max_items=max_items, decode_device="cpu")
     if resident is None:
+        report.save()
         raise SystemExit(_fail(f"{args.shards}: the {split} split cannot be read (see {JSON_NAME})"))
     return resident
 
@@ -890,4 +899,4 @@ def _keep_row(row: dict, rows: list[dict], report: Report) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(EXIT_FAILED_MEASUREMENT if main().get("errors") else 0)

@@ -70,7 +70,8 @@ def test_extra_maps_are_augmented_like_the_heatmap_and_extra_items_gathered(resi
     batches = ResidentBatches(doubled, image_size=64, batch_size=6, train=True, augment=AUGMENT, seed=2)
     for batch in batches:
         assert batch["pair"].shape == (6, 2, 16, 16)
-        assert torch.equal(batch["pair"][:, :1], batch["heatmap"]) and torch.equal(batch["pair"][:, 1:], batch["heatmap"])
+        assert torch.equal(batch["pair"][:, :1], batch["heatmap"])
+        assert torch.equal(batch["pair"][:, 1:], batch["heatmap"])
         assert [resident_val.paths[i] for i in batch["number"].tolist()] == batch["path"]
     assert doubled.nbytes == resident_val.nbytes + resident_val.heatmaps.numel() * 2 + 8 * len(resident_val)
 
