@@ -20,6 +20,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from torchvision.ops import roi_align
 
 from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, live_rows
 
-from .data import draw_augmentation, normalize, read_collection
+from .data import MEAN, STD, draw_augmentation, read_collection
 
 
 @dataclass
@@ -122,13 +123,19 @@ def _decode(encoded: list[torch.Tensor], paths: list[str], device: torch.device)
 # --- batched augmentation ----------------------------------------------------------------------
 
 def _crop_boxes(params: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """roi_align boxes (B, 5) for the crop rows of `params`; the whole picture where not augmented."""
-    applied = params[:, 0:1] > 0
-    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], device=params.device).expand(len(params), 4)
-    fractions = torch.where(applied, params[:, 2:6], unit)
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=params.device)
-    index = torch.arange(len(params), dtype=torch.float32, device=params.device)[:, None]
-    return torch.cat([index, fractions * scale], dim=1)
+    """roi_align boxes (B, 5) for the crop rows of `params`; the whole picture where not augmented.
+    Built from `params` alone: a constant made with torch.tensor(..., device=cuda) would be a
+    blocking copy, which waits for every kernel queued before it."""
+    applied = params[:, 0] > 0
+    x0, y0, x1, y1 = (torch.where(applied, params[:, 2 + i], float(i >= 2)) for i in range(4))
+    index = torch.arange(len(params), dtype=params.dtype, device=params.device)
+    return torch.stack([index, x0 * width, y0 * height, x1 * width, y1 * height], dim=1)
+
+
+@lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """data.MEAN and data.STD as (3, 1, 1) tensors on `device`, made once (see _crop_boxes)."""
+    return torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1)
 
 
 def _flipped(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -145,9 +152,10 @@ def _blend(x: torch.Tensor, other: torch.Tensor, ratio: torch.Tensor) -> torch.T
 def augment_batch(images: torch.Tensor, params: torch.Tensor, image_size: int) -> torch.Tensor:
     """(B, 3, H, W) uint8 + augmentation rows (B, 9) → (B, 3, S, S) normalised: for each item what
     `data.augmented_image(image, row, S)` gives, in a handful of batched kernels. Nothing here
-    reads a value back from the device (that would stall the queue of kernels at every batch): items
-    that are not augmented go through roi_align too, with the whole picture as the box, which at
-    S×S samples every pixel exactly at its centre (an identity)."""
+    reads a value back from the device or copies one to it when `params` is already there (either
+    would wait for the queue of kernels at every batch): items that are not augmented go through
+    roi_align too, with the whole picture as the box, which at S×S samples every pixel exactly at
+    its centre (an identity)."""
     params = params.to(images.device, torch.float32)
     x = _flipped(images.float().div_(255), params)
     height, width = x.shape[-2:]
@@ -156,7 +164,8 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor, image_size: int) -
     x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
     x = _blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), contrast)
     x = _blend(x, TF.rgb_to_grayscale(x), saturation)
-    return normalize(x)
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std   # data.normalize, with its constants kept on the device
 
 
 def heatmap_batch(heatmaps: torch.Tensor, params: torch.Tensor, grid: int) -> torch.Tensor:
