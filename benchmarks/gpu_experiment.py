@@ -466,7 +466,10 @@ def evaluate_run(model, criterion, val, val_batches, device, config, baseline: d
            "val_heatmap_loss": result["heatmap_loss"], "metrics": metrics, "stays_at_majority": stuck,
            "majority_check": why,
            "majority_agreement": majority_agreement(result["attribute_scores"], result["attribute_labels"],
-                                                    val.vocabulary, baseline)}
+                                                    val.vocabulary, baseline),
+           # evaluate's own figures of Ŝ (pixels pooled over the images; per group for a groups model)
+           "evaluate_attention": {key: result.get(key) for key in (
+               "attention_mse", "attention_correlation", "group_attention_correlation") if key in result}}
     maps = recorder.attention()
     if maps is not None:
         no_augment = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1]], dtype=torch.float32).expand(len(val), 9)

@@ -114,6 +114,7 @@ def test_tiny_run_trains_both_models_and_reports_sane_validation_metrics(tiny_ru
             attention = run["attention"]
             assert attention["n_items"] > 0 and _unit(attention["mse"])
             assert -1 <= attention["pearson_mean"] <= 1
+            assert attention["mse"] == pytest.approx(run["evaluate_attention"]["attention_mse"], rel=1e-6)
         else:
             assert "attention" not in run
     assert -1 <= training["mean_heatmap_attention"]["pearson_mean"] <= 1
