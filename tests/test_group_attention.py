@@ -15,7 +15,7 @@ from vsam_train.data import ShardStream, heatmap_target, make_loader, read_colle
 from vsam_train.groups import (CorrelationAccumulator, GroupPlanError, attention_correlation, group_plan,
                                render_group_heatmaps)
 from vsam_train.losses import VsamLoss, group_heatmap_loss, heatmap_loss
-from vsam_train.models import create_model, model_from_config
+from vsam_train.models import count_parameters, create_model, model_from_config
 from vsam_train.train import group_joints_for, pooling_mix, unwrap
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -264,6 +264,12 @@ def test_each_group_map_has_the_grid_of_s_hat_and_s_hat_is_their_union():
         assert out["attributes"].shape == (2, 26) and out["category"].shape == (2, 3)
     # untrained maps start flat at the prior, not saturated
     assert 0.03 < out["group_attention"].min() and out["group_attention"].max() < 0.08
+    full = create_model("vsam-groups", 0, 26, group_names=list(plan.names), attribute_groups=list(plan.attribute_group))
+    single = create_model("vsam", 0, 26)
+    assert 0 < count_parameters(full) - count_parameters(single) < 0.25e6      # 6 × (1×1 conv 512 → 64, 7×7 conv 2 → 1)
+    with torch.no_grad():
+        out = full.eval()(torch.randn(1, 3, 224, 224))
+    assert out["group_attention"].shape == (1, 6, 56, 56) and out["attention"].shape == (1, 1, 56, 56)
 
 
 def test_each_groups_attributes_are_pooled_under_its_own_map():
@@ -306,16 +312,19 @@ def test_pooling_warm_up_is_linear_and_off_when_zero():
 
 # --- the loss ----------------------------------------------------------------------------------
 
-def test_group_heatmap_loss_averages_supervised_groups_and_skips_items_without_pose():
+def test_group_heatmap_loss_sums_or_averages_supervised_groups_and_skips_items_without_pose():
     torch.manual_seed(0)
     maps, targets = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 8, 8)
     mask = torch.tensor([[1, 0, 1], [1, 0, 0], [0, 0, 1], [0, 0, 0]], dtype=torch.bool)
-    expected = (((maps[:2, 0] - targets[:2, 0]) ** 2).mean() + ((maps[[0, 2], 2] - targets[[0, 2], 2]) ** 2).mean()) / 2
+    expected = ((maps[:2, 0] - targets[:2, 0]) ** 2).mean() + ((maps[[0, 2], 2] - targets[[0, 2], 2]) ** 2).mean()
     torch.testing.assert_close(group_heatmap_loss(maps, targets, mask), expected)
+    torch.testing.assert_close(group_heatmap_loss(maps, targets, mask, reduction="mean"), expected / 2)
     released = group_heatmap_loss(maps, targets, mask, "softmax_l2")
-    torch.testing.assert_close(released, (heatmap_loss(maps[:, :1], targets[:, :1], mask[:, 0], "softmax_l2")
-                                          + heatmap_loss(maps[:, 2:], targets[:, 2:], mask[:, 2], "softmax_l2")) / 2)
+    torch.testing.assert_close(released, heatmap_loss(maps[:, :1], targets[:, :1], mask[:, 0], "softmax_l2")
+                               + heatmap_loss(maps[:, 2:], targets[:, 2:], mask[:, 2], "softmax_l2"))
     assert group_heatmap_loss(maps, targets, torch.zeros(4, 3, dtype=torch.bool)) == 0
+    assert VsamLoss.from_config(load_config(None, {"loss.group_heatmap_reduction": "mean"})["loss"]).group_reduction \
+        == "mean"
     criterion = VsamLoss()
     outputs = {"category": None, "attributes": torch.zeros(4, 2), "attention": maps.amax(1, keepdim=True),
                "group_attention": maps.requires_grad_()}

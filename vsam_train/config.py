@@ -34,7 +34,7 @@ DEFAULTS: dict = {
             "shape": "body", "part": "body", "style": "body",
         },
         "group_channels": 64,      # × width: each group's 1×1 projection of the combined features
-        "group_warmup_steps": 500, # steps over which attribute pooling moves from uniform to the group maps
+        "group_warmup_steps": 0,   # steps over which attribute pooling moves from uniform to the maps (0: off)
     },
     "loss": {
         "category_weight": 1.0,
@@ -42,6 +42,7 @@ DEFAULTS: dict = {
         "focal_gamma": 2.0,
         "focal_alpha": 0.6,
         "heatmap_loss": {"kind": "l2", "weight": 10.0},   # l2 (paper) | softmax_l2 (released code)
+        "group_heatmap_reduction": "sum",   # attention: groups: sum (each map weighted by λ) | mean of the maps' terms
     },
     "optim": {
         "lr": 1.0e-4,              # Adam
@@ -79,6 +80,7 @@ CHOICES = {
     ("model", "name"): ("vsam", "vgg16", "resnet50"),
     ("model", "attention"): ("single", "groups"),
     ("loss", "heatmap_loss", "kind"): ("l2", "softmax_l2"),
+    ("loss", "group_heatmap_reduction"): ("sum", "mean"),
     ("data", "decode"): ("cpu", "gpu"),
 }
 

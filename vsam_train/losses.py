@@ -12,9 +12,11 @@ Two heatmap terms (`kind`):
 
 The attribute-group model has one map per group: its heatmap term is the same kind of term per
 group map against that group's heatmap, over the items whose group heatmap is lit
-("group_has_pose"), averaged over the groups that have such items in the batch. A batch without
-group heatmaps (e.g. `vsam eval`'s loader) scores the model's combined Ŝ against the stored
-heatmap instead, as for the single model.
+("group_has_pose"), summed over the groups that have such items in the batch (`group_reduction`
+"sum", the default: each map is weighted by λ as the single model's Ŝ is) or averaged ("mean":
+λ shared by all maps, which measurably starves them; README "Attribute-group attention"). A batch
+without group heatmaps (e.g. `vsam eval`'s loader) scores the model's combined Ŝ against the
+stored heatmap instead, as for the single model.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch import nn
 from torchvision.ops import sigmoid_focal_loss
 
 HEATMAP_KINDS = ("l2", "softmax_l2")
+GROUP_REDUCTIONS = ("sum", "mean")
 
 
 def category_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -60,15 +63,20 @@ def heatmap_loss(attention: torch.Tensor, target: torch.Tensor, has_pose: torch.
 
 
 def group_heatmap_loss(group_attention: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-                       kind: str = "l2") -> torch.Tensor:
+                       kind: str = "l2", reduction: str = "sum") -> torch.Tensor:
     """Group maps (B, G, h, w) vs group heatmaps (B, G, h, w), mask (B, G): `heatmap_loss` of each
-    group over its masked items, averaged over the groups with at least one; 0 when none has."""
+    group over its masked items, summed (or averaged) over the groups with at least one; 0 when
+    none has."""
     if group_attention.shape != targets.shape:
         raise ValueError(f"group attention {tuple(group_attention.shape)} and group heatmaps "
                          f"{tuple(targets.shape)} differ")
+    if reduction not in GROUP_REDUCTIONS:
+        raise ValueError(f"unknown group reduction {reduction!r}; choose one of {GROUP_REDUCTIONS}")
     terms = [heatmap_loss(group_attention[:, g:g + 1], targets[:, g:g + 1], mask[:, g], kind)
              for g in range(group_attention.shape[1]) if mask[:, g].any()]
-    return torch.stack(terms).mean() if terms else group_attention.sum() * 0.0
+    if not terms:
+        return group_attention.sum() * 0.0
+    return torch.stack(terms).sum() if reduction == "sum" else torch.stack(terms).mean()
 
 
 class VsamLoss(nn.Module):
@@ -78,19 +86,24 @@ class VsamLoss(nn.Module):
     (total, {"category": …, "attributes": …, "heatmap": …}) with detached parts (absent terms are 0)."""
 
     def __init__(self, category_weight: float = 1.0, attribute_weight: float = 1.0, focal_gamma: float = 2.0,
-                 focal_alpha: float = 0.6, heatmap_kind: str = "l2", heatmap_weight: float = 10.0):
+                 focal_alpha: float = 0.6, heatmap_kind: str = "l2", heatmap_weight: float = 10.0,
+                 group_reduction: str = "sum"):
         super().__init__()
         if heatmap_kind not in HEATMAP_KINDS:
             raise ValueError(f"unknown heatmap loss {heatmap_kind!r}; choose one of {HEATMAP_KINDS}")
+        if group_reduction not in GROUP_REDUCTIONS:
+            raise ValueError(f"unknown group reduction {group_reduction!r}; choose one of {GROUP_REDUCTIONS}")
         self.category_weight, self.attribute_weight = category_weight, attribute_weight
         self.focal_gamma, self.focal_alpha = focal_gamma, focal_alpha
         self.heatmap_kind, self.heatmap_weight = heatmap_kind, heatmap_weight
+        self.group_reduction = group_reduction
 
     @classmethod
     def from_config(cls, loss: dict) -> "VsamLoss":
         return cls(category_weight=loss["category_weight"], attribute_weight=loss["attribute_weight"],
                    focal_gamma=loss["focal_gamma"], focal_alpha=loss["focal_alpha"],
-                   heatmap_kind=loss["heatmap_loss"]["kind"], heatmap_weight=loss["heatmap_loss"]["weight"])
+                   heatmap_kind=loss["heatmap_loss"]["kind"], heatmap_weight=loss["heatmap_loss"]["weight"],
+                   group_reduction=loss.get("group_heatmap_reduction", "sum"))
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         zero = next(v for v in outputs.values() if v is not None).new_zeros((), dtype=torch.float32)
@@ -102,7 +115,7 @@ class VsamLoss(nn.Module):
                                              self.focal_gamma, self.focal_alpha)
         if outputs.get("group_attention") is not None and "group_heatmap" in batch and self.heatmap_weight:
             parts["heatmap"] = group_heatmap_loss(outputs["group_attention"], batch["group_heatmap"],
-                                                  batch["group_has_pose"], self.heatmap_kind)
+                                                  batch["group_has_pose"], self.heatmap_kind, self.group_reduction)
         elif outputs.get("attention") is not None and self.heatmap_weight:
             parts["heatmap"] = heatmap_loss(outputs["attention"], batch["heatmap"], batch["has_pose"], self.heatmap_kind)
         total = (self.category_weight * parts["category"] + self.attribute_weight * parts["attributes"]

@@ -102,9 +102,10 @@ class GroupAttention(nn.Module):
 
     def reset_parameters(self) -> None:
         """Kaiming for the projection (as every conv); the 7×7 conv starts near zero with its bias at
-        logit(GROUP_PRIOR): every map starts flat at the prior and unsaturated. With Kaiming weights
-        the 7×7 conv of unnormalised ReLU features gives logits of ±10 and more, where the sigmoid
-        has no gradient left and a map can stay dead (the prototype's failure)."""
+        logit(GROUP_PRIOR): every map starts flat at about a heatmap's mean value. A map starting
+        around 0.5 (Kaiming weights, zero bias) is first pulled down everywhere by the heatmap loss
+        (its targets are mostly 0), and its logits can run into the sigmoid's flat tail, where a
+        map stops learning; a flat map also makes attention pooling start as plain averaging."""
         nn.init.kaiming_normal_(self.project.weight, mode="fan_out", nonlinearity="relu")
         nn.init.zeros_(self.project.bias)
         nn.init.normal_(self.conv.weight, 0.0, 1e-3)
