@@ -50,19 +50,21 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from bench_train import Trainer, timed  # noqa: E402
 from pose_prep.shard_format import collection_info  # noqa: E402
-from vsam_train.config import load_config, set_key  # noqa: E402
-from vsam_train.data import ShardStream, decode_on_device, make_loader  # noqa: E402
+from vsam_train.config import MODEL_VARIANTS, load_config, set_key  # noqa: E402
+from vsam_train.data import ShardStream, decode_on_device, make_loader, split_group_heatmaps  # noqa: E402
 from vsam_train.evaluate import without_nan, write_json  # noqa: E402
 from vsam_train.fast import (AttentionRecorder, ResidentBatches, attention_agreement, heatmap_batch,  # noqa: E402
                              load_resident_split)
 from vsam_train.losses import VsamLoss  # noqa: E402
 from vsam_train.metrics import compute_metrics  # noqa: E402
-from vsam_train.train import build_model, build_optimizer, evaluate, train_one_epoch  # noqa: E402
+from vsam_train.train import (build_model, build_optimizer, evaluate, group_joints_for,  # noqa: E402
+                              train_one_epoch)
 
 JSON_NAME = "gpu_experiment.json"
 SCHEMA = "vsam-gpu-experiment/1"
 # What each name of --compare trains: config overrides on top of the base config.
-MODEL_SPECS: dict[str, dict] = {"vsam": {"model.name": "vsam"}, "vgg16": {"model.name": "vgg16"}}
+MODEL_SPECS: dict[str, dict] = {name: MODEL_VARIANTS[name] for name in ("vsam", "vgg16", "vsam-groups")}
+GROUPS_MODEL = "vsam-groups"   # needs one heatmap per attribute group beside the stored one
 # Modules the GPU machine does not have (or this path must not need): recorded if loaded.
 FORBIDDEN_MODULES = ("pose_prep.detectors", "mediapipe", "ultralytics", "captum", "onnx", "onnxruntime")
 VSAM_GOAL_IMAGES_PER_S = 2200   # issue 6: VSAM fed from shards, bf16 channels_last bs 64, one H100
@@ -619,8 +621,10 @@ def child_main(spec_path: Path) -> None:
     setup_device(device)
     config = spec["config"]
     size = config["model"]["image_size"]
-    train = load_resident_split(spec["shards"], config["data"]["train_split"], size, device,
-                                max_items=2 * max(spec["batch_sizes"]))
+    max_items = 2 * max(spec["batch_sizes"])
+    train = load_resident_split(spec["shards"], config["data"]["train_split"], size, device, max_items=max_items)
+    if GROUPS_MODEL in spec["models"]:
+        attach_group_heatmaps(Path(spec["shards"]), config, train, config["data"]["train_split"], device, max_items)
     args = argparse.Namespace(compile_backend=spec["backend"], steps=spec["steps"], warmup=spec["warmup"])
 
     def emit(row: dict) -> None:
@@ -759,6 +763,12 @@ def _training_summary(training: dict | None) -> list[str]:
                                        for runs_a in attention] + [f"{_f(mean_map.get('pearson_mean'))} (mean map)"])
     table.append(["Ŝ vs S MSE"] + [_mean_std([a["mse"] for a in runs_a if a]) if any(runs_a) else "-"
                                    for runs_a in attention] + [f"{_f(mean_map.get('mse'))} (mean map)"])
+    group_maps = [[(r.get("evaluate_attention") or {}).get("group_attention_correlation") for r in by_model[name]]
+                  for name in models]
+    map_groups = list(dict.fromkeys(g for per_model in group_maps for maps in per_model if maps for g in maps))
+    table += [[f"  map {g} vs its heatmap"] + [_mean_std([maps.get(g) for maps in per_model if maps])
+                                              if any(per_model) else "-" for per_model in group_maps] + [""]
+              for g in map_groups]
     table.append(["train img/s"] + [_mean_std([r["train_images_per_s"] for r in by_model[name]], 0) for name in models]
                  + [""])
     lines += _table([""] + models + ["majority"], table)
@@ -841,6 +851,9 @@ def main(argv=None) -> dict:
     started = time.monotonic()
     train = load_split(args, d["train_split"], size, device, report, args.max_train_items)
     val = load_split(args, d["val_split"], size, device, report, None)
+    if GROUPS_MODEL in models:
+        attach_group_heatmaps(args.shards, config, train, d["train_split"], device, args.max_train_items)
+        attach_group_heatmaps(args.shards, config, val, d["val_split"], device, None)
     report.data["data"].update({"train_items": len(train), "val_items": len(val),
                                 "decode_seconds": {"train": train.decode_seconds, "val": val.decode_seconds}})
     report.phase("data", started)
@@ -889,6 +902,18 @@ def load_split(args, split: str, size: int, device: torch.device, report: Report
         report.save()
         raise SystemExit(_fail(f"{args.shards}: the {split} split cannot be read (see {JSON_NAME})"))
     return resident
+
+
+def attach_group_heatmaps(shards: Path, config: dict, resident, split: str, device: torch.device,
+                          max_items: int | None) -> None:
+    """One heatmap per attribute group for the groups model, rendered from the stored keypoints
+    in the resident split's order; the other models ignore them."""
+    joints = group_joints_for(model_config(config, GROUPS_MODEL), resident.vocabulary)
+    maps, lit, paths = split_group_heatmaps(shards, split, joints, max_items=max_items)
+    if paths != resident.paths:
+        raise RuntimeError(f"{shards}: the group heatmaps of {split!r} are not in the order of its images")
+    resident.extra_maps["group_heatmap"] = torch.from_numpy(maps).to(device)
+    resident.extra_items["group_has_pose"] = torch.from_numpy(lit).to(device)
 
 
 def _keep_row(row: dict, rows: list[dict], report: Report) -> None:

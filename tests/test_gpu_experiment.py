@@ -177,3 +177,27 @@ def test_stays_at_majority_compares_group_top1_and_categories():
     assert stuck and "0.5500 vs majority 0.6000" in why
     assert ge.stays_at_majority({"P@k": 0.3}, {"P@k": 0.2}, 0.01) == (
         False, "no exclusive attribute groups or categories: nothing to compare with a majority baseline")
+
+
+def test_compare_trains_every_model_for_every_seed_and_reports_each_group_map(df_shards, tmp_path):
+    """Issue 7's comparison at tiny scale: vgg16, vsam and vsam-groups on identical data and seeds;
+    the groups model gets one heatmap per attribute group and its maps are scored against them."""
+    data = ge.main(["--shards", str(df_shards), "--out", str(tmp_path), "--tiny", "--no-compile",
+                    "--compare", "vgg16,vsam,vsam-groups", "--seeds", "2", "--batch-sizes", "16",
+                    "--loader-batches", "1", "--steps", "1", "--epochs", "1"])
+    assert "errors" not in data, data.get("errors")
+    training = data["training"]
+    final_bn = training["final"] == "batch_norm"
+    runs = [r for r in training["runs"] if r["batch_norm"] == final_bn]
+    assert sorted((r["model"], r["seed"]) for r in runs) == sorted(
+        (m, s) for m in ("vgg16", "vsam", "vsam-groups") for s in (0, 1))
+    groups = ["texture", "sleeve", "length", "neckline", "fabric", "fit"]
+    for run in runs:
+        maps = run["evaluate_attention"].get("group_attention_correlation")
+        if run["model"] == "vsam-groups":
+            assert list(maps) == groups and all(-1 <= v <= 1 for v in maps.values())
+        else:
+            assert not maps
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "vsam-groups" in summary and "map sleeve vs its heatmap" in summary
+    assert "±" in summary   # mean ± std over the two seeds
