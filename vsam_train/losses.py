@@ -29,12 +29,19 @@ HEATMAP_KINDS = ("l2", "softmax_l2")
 GROUP_REDUCTIONS = ("sum", "mean")
 
 
+# Every term is a masked sum rather than a boolean index or an `if mask.any()`: either would make
+# the host wait for the GPU at every training step.
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Mean of `values` where `mask` holds, along `dim`; 0 where it holds nowhere."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
 def category_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over the items whose category is known; 0 when none is."""
-    known = labels >= 0
-    if not known.any():
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[known], labels[known])
+    per_item = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    return _masked_mean(per_item, labels >= 0)
 
 
 def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, alpha: float = 0.6) -> torch.Tensor:
@@ -46,20 +53,26 @@ def focal_loss(logits: torch.Tensor, labels: torch.Tensor, gamma: float = 2.0, a
     return (per_label * known).sum() / max(logits.shape[0], 1)
 
 
+def _per_map_terms(attention: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """(B, C, h, w) maps vs targets → (B, C): each map's mean squared error ("l2") or the L2 norm of
+    its spatial softmax minus the target ("softmax_l2")."""
+    attention, target = attention.float().flatten(2), target.float().flatten(2)
+    if kind == "l2":
+        return (attention - target).pow(2).mean(2)
+    if kind == "softmax_l2":
+        return (F.softmax(attention, dim=2) - target).norm(dim=2)
+    raise ValueError(f"unknown heatmap loss {kind!r}; choose one of {HEATMAP_KINDS}")
+
+
 def heatmap_loss(attention: torch.Tensor, target: torch.Tensor, has_pose: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     """Ŝ (B, 1, h, w) after its sigmoid vs S (B, 1, h, w) in [0, 1]; see the module docstring."""
     if attention.shape != target.shape:
         raise ValueError(f"attention {tuple(attention.shape)} and heatmap {tuple(target.shape)} differ: the "
                          "loader renders heatmaps at image_size / 4, the grid of Ŝ")
-    if not has_pose.any():
-        return attention.sum() * 0.0
-    attention, target = attention[has_pose].float(), target[has_pose].float()
+    per_image = _per_map_terms(attention, target, kind)[:, 0]
     if kind == "l2":
-        return (attention - target).pow(2).mean()
-    if kind == "softmax_l2":
-        flat = attention.flatten(1)
-        return (F.softmax(flat, dim=1) - target.flatten(1)).norm(dim=1).sum()
-    raise ValueError(f"unknown heatmap loss {kind!r}; choose one of {HEATMAP_KINDS}")
+        return _masked_mean(per_image, has_pose)
+    return (per_image * has_pose.to(per_image.dtype)).sum()
 
 
 def group_heatmap_loss(group_attention: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
@@ -72,11 +85,11 @@ def group_heatmap_loss(group_attention: torch.Tensor, targets: torch.Tensor, mas
                          f"{tuple(targets.shape)} differ")
     if reduction not in GROUP_REDUCTIONS:
         raise ValueError(f"unknown group reduction {reduction!r}; choose one of {GROUP_REDUCTIONS}")
-    terms = [heatmap_loss(group_attention[:, g:g + 1], targets[:, g:g + 1], mask[:, g], kind)
-             for g in range(group_attention.shape[1]) if mask[:, g].any()]
-    if not terms:
-        return group_attention.sum() * 0.0
-    return torch.stack(terms).sum() if reduction == "sum" else torch.stack(terms).mean()
+    per_map = _per_map_terms(group_attention, targets, kind)                       # (B, G)
+    per_group = _masked_mean(per_map, mask) if kind == "l2" else (per_map * mask.to(per_map.dtype)).sum(0)
+    present = mask.any(0).to(per_group.dtype)                                      # (G,)
+    total = (per_group * present).sum()
+    return total if reduction == "sum" else total / present.sum().clamp(min=1)
 
 
 class VsamLoss(nn.Module):
