@@ -350,21 +350,27 @@ def index_path(folder: str | Path) -> Path:
 def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.Connection]:
     """The collection's index. Writers get one transaction per `with connection:` block."""
     path = index_path(folder)
-    if readonly:
-        if not path.exists():
-            raise ShardFormatError(f"{path}: no shard index here (is {folder} a `vsam prep-pose` output folder?)")
-        connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    else:
-        connection = sqlite3.connect(path)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=FULL")
-        connection.executescript(_INDEX_SCHEMA)
-        if connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() is None:
-            with connection:
-                connection.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    if readonly and not path.exists():
+        raise ShardFormatError(f"{path}: no shard index here (is {folder} a `vsam prep-pose` output folder?)")
     try:
-        row = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-        check_schema(row[0] if row else None, path)
+        # A URI, so that "?mode=ro" applies; as_uri() escapes '#', '?' and '%' in folder names.
+        connection = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True) if readonly \
+            else sqlite3.connect(path)
+    except sqlite3.Error as error:
+        raise ShardFormatError(f"{path}: cannot open the shard index ({error})") from None
+    try:
+        try:
+            if not readonly:
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute("PRAGMA synchronous=FULL")
+                connection.executescript(_INDEX_SCHEMA)
+                if get_meta(connection, "schema_version") is None:
+                    with connection:
+                        set_meta(connection, "schema_version", str(SCHEMA_VERSION))
+            version = get_meta(connection, "schema_version")
+        except sqlite3.DatabaseError as error:
+            raise ShardFormatError(f"{path}: not a readable shard index ({error})") from None
+        check_schema(version, path)
         yield connection
     finally:
         connection.close()
@@ -546,7 +552,9 @@ def verify_collection(folder: str | Path, check_leftovers: bool = True) -> list[
             shards = dict(connection.execute("SELECT id, n_items FROM shards"))
             files = connection.execute(
                 "SELECT path, sha256, status, shard_id, row, split FROM files").fetchall()
-    except (ShardFormatError, sqlite3.DatabaseError) as error:
+    except ShardFormatError as error:     # names the index already
+        return [str(error)]
+    except sqlite3.DatabaseError as error:
         return [f"{index_path(folder)}: {error}"]
 
     by_shard: dict[int, list[tuple]] = {}

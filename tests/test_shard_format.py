@@ -158,3 +158,21 @@ def test_verify_names_a_flipped_byte_and_an_index_mismatch(tmp_path):
     assert "shard-000001.h5: index row 9 of 3/shop/ünï_2.jpg is outside 0..2" in problems[0]
     (tmp_path / "b/shard-000002.h5").unlink()
     assert f"{tmp_path / 'b/shard-000002.h5'}: listed in the index but missing" in sf.verify_collection(tmp_path / "b")
+
+
+@pytest.mark.parametrize("name", ["drop#2", "100%", "what?", "ünï code"])
+def test_index_in_a_folder_with_uri_characters_is_opened_read_only(tmp_path, name):
+    folder = tmp_path / name
+    _collection(folder)
+    assert sf.collection_info(folder)["items"] == 5 and sf.verify_collection(folder) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]     # no stray database next to it
+
+
+def test_a_damaged_index_is_a_clear_error_naming_it(tmp_path):
+    sf.index_path(tmp_path).write_bytes(b"not sqlite at all" * 512)
+    for readonly in (True, False):
+        with pytest.raises(sf.ShardFormatError, match=r"index.sqlite: not a readable shard index \(file is not"):
+            with sf.open_index(tmp_path, readonly=readonly):
+                pass
+    assert sf.verify_collection(tmp_path) == [
+        f"{sf.index_path(tmp_path)}: not a readable shard index (file is not a database)"]
