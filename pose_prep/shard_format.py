@@ -201,10 +201,15 @@ class Shard:
     def file(self) -> h5py.File:
         if self._file is None:
             try:
-                self._file = h5py.File(self.path, "r")
+                file = h5py.File(self.path, "r")
             except OSError as error:
                 raise ShardFormatError(f"{self.path}: not a readable HDF5 shard ({error})") from None
-            check_schema(self._file.attrs.get("schema_version"), self.path)
+            try:
+                check_schema(file.attrs.get("schema_version"), self.path)
+            except ShardFormatError:
+                file.close()      # and keep refusing it: only a checked file is kept open
+                raise
+            self._file = file
         return self._file
 
     def close(self) -> None:
