@@ -239,13 +239,7 @@ class Shard:
 
     def read(self, names: tuple[str, ...] = ITEM_DATASETS) -> dict[str, np.ndarray]:
         """Whole datasets into memory: one read per dataset is the fast way through a shard."""
-        out = {}
-        for name in names:
-            data = self.file[name][...]
-            if name == "path":
-                data = np.array([p.decode("utf-8") if isinstance(p, bytes) else p for p in data], dtype=object)
-            out[name] = data
-        return out
+        return {name: _read_dataset(self.file[name]) for name in names}
 
     def image(self, row: int, offsets: np.ndarray | None = None) -> bytes:
         offsets = self.file["image_offsets"] if offsets is None else offsets
@@ -257,13 +251,17 @@ class Shard:
         f = self.file
         if not 0 <= row < len(self):
             raise IndexError(f"{self.path}: row {row} is outside 0..{len(self) - 1}")
-        path = f["path"][row]
         return ShardItem(
             image=self.image(row), heatmap=f["heatmap"][row], keypoints=f["keypoints"][row],
             has_pose=bool(f["has_pose"][row]), category=int(f["category"][row]),
             attributes=f["attributes"][row], split=SPLITS[int(f["split"][row])],
-            path=path.decode("utf-8") if isinstance(path, bytes) else path,
+            path=f["path"].asstr()[row],
             sha256=f["sha256"][row].decode("ascii"), width=int(f["width"][row]), height=int(f["height"][row]))
+
+
+def _read_dataset(dataset: h5py.Dataset) -> np.ndarray:
+    """A whole dataset; variable-length strings (the paths) as an object array of str."""
+    return dataset.asstr()[...] if dataset.dtype.kind == "O" else dataset[...]
 
 
 def _attr(value):
@@ -297,10 +295,7 @@ def verify_shard(path: str | Path) -> list[str]:
                 if name not in f:
                     problems.append(f"{path}: dataset {name} is missing")
                     continue
-                data = f[name][...]
-                if name == "path":
-                    data = np.array([p.decode("utf-8") if isinstance(p, bytes) else p for p in data], dtype=object)
-                if _checksum(data) != expected.get(name):
+                if _checksum(_read_dataset(f[name])) != expected.get(name):
                     problems.append(f"{path}: dataset {name} does not match its checksum")
     except (OSError, KeyError, ValueError) as error:
         problems.append(f"{path}: unreadable ({error})")
