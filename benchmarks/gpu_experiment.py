@@ -790,7 +790,10 @@ def choose_device(args) -> torch.device:
         raise SystemExit(_fail("--device cuda, but torch sees no CUDA device"))
     if name == "cpu" and not args.tiny:
         raise SystemExit(_fail("no CUDA device: the full experiment needs a GPU (the CPU check is --tiny)"))
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:   # torch.cuda.set_device refuses a bare "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _fail(message: str) -> int:

@@ -201,3 +201,19 @@ def test_compare_trains_every_model_for_every_seed_and_reports_each_group_map(df
     summary = (tmp_path / "summary.txt").read_text()
     assert "vsam-groups" in summary and "map sleeve vs its heatmap" in summary
     assert "±" in summary   # mean ± std over the two seeds
+
+
+def test_a_bare_cuda_device_gets_the_index_that_torch_cuda_set_device_needs(monkeypatch):
+    """`--device cuda` (or none on a GPU machine) must reach setup_device, and the compile child's
+    spec, as cuda:N: torch.cuda.set_device(torch.device("cuda")) raises ValueError. No GPU here, so
+    torch is told there is one; the index check below is torch's own, which needs no device."""
+    from torch.cuda._utils import _get_device_index
+
+    monkeypatch.setattr(ge.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ge.torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(ValueError):
+        _get_device_index(ge.torch.device("cuda"))
+    for option in ([], ["--device", "cuda"]):
+        device = ge.choose_device(ge.parse_args(["--shards", "s", "--out", "o", *option]))
+        assert device == ge.torch.device("cuda", 0) and _get_device_index(device) == 0
+    assert ge.choose_device(ge.parse_args(["--shards", "s", "--out", "o", "--device", "cuda:1"])).index == 1
