@@ -28,7 +28,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -270,19 +270,21 @@ def _item_and_record(entry: Entry, result: Processed, labels: Labels,
 
 def run(options: PrepOptions) -> Report:
     """One complete prep-pose run. Raises lock.Busy at once when another run holds the folder, and
-    LabelError or PrepError before touching anything when the labels or options are unusable."""
+    LabelError or PrepError before touching anything when the labels or options are unusable (a Dask
+    scheduler that cannot be reached: PrepError when detection starts, what is committed stays)."""
+    _check_backend(options)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     with lock.exclusive(out):
-        detector = options.settings().detector
-        _check_detector(detector)
+        settings = options.settings()
+        _check_detector(settings.detector)
         labels = read_labels(options.labels, options.labels_format) if options.labels else unlabelled()
-        report = Report(images=str(options.images), out=str(out), detector=detector,
+        report = Report(images=str(options.images), out=str(out), detector=settings.detector,
                         labels=labels.source or None, start=_now())
         report.path = str(out / REPORTS / f"prep-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.json")
         started = time.monotonic()
         try:
-            _run_locked(options, out, labels, report)
+            _run_locked(options, settings, out, labels, report)
         except BaseException as error:
             report.status, report.error = "failed", f"{type(error).__name__}: {error}"
             _finish(report, started, EXIT_FAILED)
@@ -300,8 +302,7 @@ def _finish(report: Report, started: float, code: int) -> None:
     write_report(Path(report.path), report)
 
 
-def _run_locked(options: PrepOptions, out: Path, labels: Labels, report: Report) -> None:
-    settings = replace(options.settings(), detector=report.detector)
+def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Labels, report: Report) -> None:
     with open_index(out) as connection:
         _check_labels_continuity(connection, labels, out)
         report.removed_leftovers = [p.name for p in remove_orphans(out, connection)]
@@ -354,6 +355,13 @@ def _check_detector(name: str) -> None:
         check_detector(name)
     except (ValueError, OSError, DetectorUnavailable) as error:
         raise PrepError(str(error)) from None
+
+
+def _check_backend(options: PrepOptions) -> None:
+    if options.backend not in ("loky", "dask"):
+        raise PrepError(f"unknown backend {options.backend!r} (loky or dask)")
+    if options.backend == "dask" and not options.scheduler:
+        raise PrepError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
 
 
 def _check_labels_continuity(connection, labels: Labels, out: Path) -> None:
@@ -454,8 +462,6 @@ def _map(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterato
         return
     if options.backend == "dask":
         yield from _map_dask(tasks, settings, options)
-    elif options.backend != "loky":
-        raise PrepError(f"unknown backend {options.backend!r} (loky or dask)")
     elif options.jobs == 1:
         yield from (process(task, settings) for task in tasks)
     else:
@@ -467,12 +473,14 @@ def _map(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterato
 
 
 def _map_dask(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterator[Processed]:
-    if not options.scheduler:
-        raise PrepError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
     from distributed import Client
     from joblib import Parallel, delayed, parallel_config
 
-    with Client(options.scheduler, timeout=30), parallel_config(backend="dask"):
+    try:
+        client = Client(options.scheduler, timeout=30)
+    except (OSError, ValueError) as error:    # unreachable, or not an address
+        raise PrepError(f"--scheduler {options.scheduler}: no Dask scheduler there ({error})") from None
+    with client, parallel_config(backend="dask"):
         parallel = Parallel(n_jobs=options.jobs if options.jobs > 1 else -1, return_as="generator_unordered",
                             batch_size=4)
         yield from parallel(delayed(process)(task, settings) for task in tasks)

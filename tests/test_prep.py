@@ -181,6 +181,13 @@ def test_dask_backend_against_a_local_cluster(tmp_path, shared_data):
     assert catalog_problems(tmp_path / "dask", images) == []
 
 
+def test_dask_without_a_scheduler_stops_before_anything_is_touched(tmp_path, shared_data):
+    images = copy_photos(shared_data, tmp_path / "img", SUBSET[:1])
+    with pytest.raises(PrepError, match="--backend dask needs --scheduler ADDRESS"):
+        prep(images, tmp_path / "shards", backend="dask")
+    assert not (tmp_path / "shards").exists()
+
+
 # --- real processes ---------------------------------------------------------------------------
 
 def start(images: Path, out: Path, *extra: str) -> subprocess.Popen:
