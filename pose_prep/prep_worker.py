@@ -46,7 +46,6 @@ class Processed:
     image: bytes | None = None     # the stored JPEG
     keypoints: np.ndarray | None = None   # (18, 3) in pixels of the stored frame (before resizing)
     heatmap: np.ndarray | None = None     # (size, size) uint8
-    has_pose: bool = False
     width: int = 0                 # of the stored frame: the EXIF-corrected image, or its crop
     height: int = 0
     detector_version: str = ""
@@ -93,8 +92,8 @@ def process(task: Task, settings: Settings) -> Processed:
     height, width = rgb.shape[:2]
     heatmap = render_heatmap(keypoints, width, height, task.joint_group, settings)
     return Processed(task.relative, sha256=sha256, image=encode_jpeg(rgb, settings.max_side, settings.jpeg_quality),
-                     keypoints=keypoints, heatmap=heatmap, has_pose=bool(heatmap.any()), width=width,
-                     height=height, detector_version=detector.version, joint_group=task.joint_group)
+                     keypoints=keypoints, heatmap=heatmap, width=width, height=height,
+                     detector_version=detector.version, joint_group=task.joint_group)
 
 
 def crop(rgb: np.ndarray, keypoints: np.ndarray, bbox: tuple[int, int, int, int] | None):
