@@ -529,9 +529,7 @@ def collection_info(folder: str | Path) -> dict:
         "heatmap": json.loads(meta["heatmap"]) if "heatmap" in meta else None,
         "image_encoding": json.loads(meta["image_encoding"]) if "image_encoding" in meta else None,
         "labels": meta.get("labels_source"),
-        "vocabulary": {"categories": vocabulary.categories, "category_types": vocabulary.category_types,
-                       "attributes": vocabulary.attributes, "attribute_groups": vocabulary.attribute_groups,
-                       "exclusive_groups": vocabulary.exclusive_groups},
+        "vocabulary": asdict(vocabulary),
         "rejected": rejected,
     }
 
