@@ -26,6 +26,7 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -69,22 +70,40 @@ def preprocess_tensor(image: torch.Tensor, image_size: int) -> torch.Tensor:
 
 def normalize(image: torch.Tensor) -> torch.Tensor:
     """(…, 3, H, W) float in [0, 1] → ImageNet-normalised."""
-    mean = torch.tensor(MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(STD, device=image.device).view(3, 1, 1)
+    mean, std = _mean_std(image.device)
     return (image - mean) / std
+
+
+@lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN and STD as (3, 1, 1) tensors on `device`, made once: made per call with
+    torch.tensor(..., device=cuda), they would be a blocking copy, which waits for every queued kernel."""
+    with torch.inference_mode(False):   # also usable with autograd when first made under inference mode
+        return torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1)
+
+
+def crop_boxes(params: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """roi_align boxes (B, 5), in pixels of a width × height picture, for augmentation rows (B, 9);
+    the whole picture where a row is not augmented. Computed on the rows' device, for the same
+    reason as `_mean_std`."""
+    applied = params[:, 0] > 0
+    x0, y0, x1, y1 = (torch.where(applied, params[:, 2 + i], float(i >= 2)) for i in range(4))
+    index = torch.arange(len(params), dtype=params.dtype, device=params.device)
+    return torch.stack([index, x0 * width, y0 * height, x1 * width, y1 * height], dim=1)
 
 
 def augmented_image(image: torch.Tensor, params: torch.Tensor, image_size: int) -> torch.Tensor:
     """A (3, H, W) uint8 image → (3, S, S) normalised, with the augmentation row `params` applied
     (on whatever device the image is). A row that says "not augmented" gives `preprocess_tensor`."""
-    applied, flip, x0, y0, x1, y1, brightness, contrast, saturation = params.tolist()
+    applied, flip, *_, brightness, contrast, saturation = params.tolist()
     if not applied:
         return preprocess_tensor(image, image_size)
     x = image.float().div_(255)
     if flip:
         x = x.flip(-1)
     height, width = x.shape[-2:]
-    box = torch.tensor([[0, x0 * width, y0 * height, x1 * width, y1 * height]], device=x.device)
+    # The row goes to the device without waiting (a batch's rows are pinned by the loader).
+    box = crop_boxes(params[None].to(x.device, torch.float32, non_blocking=True), width, height)
     x = roi_align(x[None], box, (image_size, image_size), aligned=True)[0]
     x = TF.adjust_brightness(x, brightness)
     x = TF.adjust_contrast(x, contrast)
@@ -136,10 +155,21 @@ def draw_augmentation(rng: np.random.Generator, augment: dict | None) -> np.ndar
 def decode_on_device(batch: dict, image_size: int, device: torch.device | str) -> torch.Tensor:
     """Images of a batch produced with decode="gpu": nvjpeg-decodes its "encoded" JPEG bytes on
     `device` and augments them there; returns (B, 3, S, S) normalised on `device`."""
-    with _quiet_codecs():
-        images = decode_jpeg(batch["encoded"], mode=ImageReadMode.RGB, device=device)
+    images = decode_jpegs(batch["encoded"], device)
     params = batch["augmentation"]
     return torch.stack([augmented_image(image, params[i], image_size) for i, image in enumerate(images)])
+
+
+def decode_jpegs(encoded: list[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
+    """JPEG bytes (1-D uint8 CPU tensors) → (3, H, W) uint8 RGB images on `device`, nvjpeg on CUDA.
+    There the caller's stream is drained first: torchvision's decoder allocates its outputs on that
+    stream but writes them from a stream of its own that does not wait for it, so it could overwrite
+    a block just recycled from a tensor that queued kernels still read (pytorch/vision#9606)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+    with _quiet_codecs():
+        return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
 
 
 @contextmanager

@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.ops import roi_align
 
 from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, live_rows
 
-from .data import MEAN, STD, draw_augmentation, read_collection
+from .data import crop_boxes, decode_jpegs, draw_augmentation, normalize, read_collection
 
 
 @dataclass
@@ -113,30 +110,12 @@ def load_resident_split(folder: str | Path, split: str, image_size: int, device:
 
 def _decode(encoded: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
     try:
-        with warnings.catch_warnings():   # torchvision ≥ 0.28 deprecates its codecs (see data._quiet_codecs)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)
+        return decode_jpegs(encoded, device)
     except RuntimeError as error:
         raise ShardFormatError(f"one of {paths[0]} … {paths[-1]}: stored image cannot be decoded ({error})") from None
 
 
 # --- batched augmentation ----------------------------------------------------------------------
-
-def _crop_boxes(params: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """roi_align boxes (B, 5) for the crop rows of `params`; the whole picture where not augmented.
-    Built from `params` alone: a constant made with torch.tensor(..., device=cuda) would be a
-    blocking copy, which waits for every kernel queued before it."""
-    applied = params[:, 0] > 0
-    x0, y0, x1, y1 = (torch.where(applied, params[:, 2 + i], float(i >= 2)) for i in range(4))
-    index = torch.arange(len(params), dtype=params.dtype, device=params.device)
-    return torch.stack([index, x0 * width, y0 * height, x1 * width, y1 * height], dim=1)
-
-
-@lru_cache(maxsize=None)
-def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """data.MEAN and data.STD as (3, 1, 1) tensors on `device`, made once (see _crop_boxes)."""
-    return torch.tensor(MEAN, device=device).view(3, 1, 1), torch.tensor(STD, device=device).view(3, 1, 1)
-
 
 def _flipped(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     flip = ((params[:, 0] > 0) & (params[:, 1] > 0)).view(-1, 1, 1, 1)
@@ -159,13 +138,12 @@ def augment_batch(images: torch.Tensor, params: torch.Tensor, image_size: int) -
     params = params.to(images.device, torch.float32)
     x = _flipped(images.float().div_(255), params)
     height, width = x.shape[-2:]
-    x = roi_align(x, _crop_boxes(params, width, height), (image_size, image_size), aligned=True)
+    x = roi_align(x, crop_boxes(params, width, height), (image_size, image_size), aligned=True)
     brightness, contrast, saturation = params[:, 6], params[:, 7], params[:, 8]
     x = (x * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)
     x = _blend(x, TF.rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), contrast)
     x = _blend(x, TF.rgb_to_grayscale(x), saturation)
-    mean, std = _mean_std(x.device)
-    return (x - mean) / std   # data.normalize, with its constants kept on the device
+    return normalize(x)
 
 
 def heatmap_batch(heatmaps: torch.Tensor, params: torch.Tensor, grid: int) -> torch.Tensor:
@@ -174,7 +152,7 @@ def heatmap_batch(heatmaps: torch.Tensor, params: torch.Tensor, grid: int) -> to
     params = params.to(heatmaps.device, torch.float32)
     x = _flipped(heatmaps.float().div_(255), params)
     height, width = x.shape[-2:]
-    return roi_align(x, _crop_boxes(params, width, height), (grid, grid), aligned=True).clamp_(0, 1)
+    return roi_align(x, crop_boxes(params, width, height), (grid, grid), aligned=True).clamp_(0, 1)
 
 
 # --- batches -----------------------------------------------------------------------------------
