@@ -125,11 +125,11 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     from pose_prep import lock
     from pose_prep.labels import LabelError
     from pose_prep.prep import PrepError, PrepOptions, run
-    from pose_prep.shard_format import ShardFormatError
+    from pose_prep.shard_format import SPLITS, ShardFormatError
 
     chosen = tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None
-    if chosen and not set(chosen) <= {"train", "val", "test", "none"}:
-        raise click.BadParameter(f"{splits!r}: splits are train, val, test, none", param_hint="--splits")
+    if chosen and not set(chosen) <= set(SPLITS):
+        raise click.BadParameter(f"{splits!r}: splits are {', '.join(SPLITS)}", param_hint="--splits")
     options = PrepOptions(images=Path(images), out=Path(out), labels=Path(labels) if labels else None,
                           labels_format=labels_format, detector=detector, jobs=jobs,
                           backend=backend, scheduler=scheduler, shard_size=shard_size, strict=strict,
