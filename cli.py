@@ -287,8 +287,6 @@ _DEVICE = click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Def
 
 def _inference_errors():
     """The exceptions that mean 'this checkpoint, data or folder cannot be used' (exit 1)."""
-    import os
-
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.checkpoint import CheckpointError
 

@@ -72,6 +72,11 @@ def restore_rng_states(states: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+def inference_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, by default CUDA when torch sees it, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
     """(model in eval mode on `device`, info) from a training checkpoint.
 

@@ -12,9 +12,7 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
-from .checkpoint import load_for_inference
+from .checkpoint import inference_device, load_for_inference
 from .data import ShardStream, make_loader
 from .losses import VsamLoss
 from .metrics import compute_metrics
@@ -25,17 +23,13 @@ class EvalError(RuntimeError):
     """The checkpoint and the collection cannot be evaluated together; the message says why."""
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val", *, batch_size: int | None = None,
                   device: str | None = None, workers: int = 0) -> tuple[dict, dict]:
     """(train.evaluate's result, load_for_inference's info) for every item of `split`.
 
     The result holds "attribute_scores" (N, A) sigmoid probabilities, "attribute_labels",
     "category_logits", "category_labels", "paths" (in stored order), losses and "attention_mse"."""
-    device = torch.device(device or default_device())
+    device = inference_device(device)
     model, info = load_for_inference(checkpoint, device)
     config = info["config"]
     decode = "gpu" if device.type == "cuda" and config["data"]["decode"] == "gpu" else "cpu"

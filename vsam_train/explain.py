@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from pose_prep.images import BadImage, find_images, load
 
-from .checkpoint import load_for_inference
+from .checkpoint import inference_device, load_for_inference
 from .data import preprocess
 
 PANEL_SIZE = 224           # longer side of the pictures written, in pixels
@@ -228,7 +228,7 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
                    attributes: list[str] | None = None, top: int = 1, limit: int | None = None,
                    device: str | None = None, progress: bool = True, errors=None) -> ExplainSummary:
     """Explain every image under `images` (the first `limit`), write the PNGs and index.html to `out`."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = inference_device(device)
     models = [("model", *load_for_inference(checkpoint, device))]
     if baseline is not None:
         models.append(("baseline", *load_for_inference(baseline, device)))

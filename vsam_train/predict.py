@@ -32,7 +32,7 @@ from tqdm import tqdm
 from pose_prep.images import BadImage, find_images, load
 from pose_prep.shard_format import Vocabulary
 
-from .checkpoint import load_for_inference
+from .checkpoint import inference_device, load_for_inference
 from .data import preprocess
 
 
@@ -101,7 +101,7 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out, *, threshold
                    batch_size: int = 64, device: str | None = None, workers: int = 2, progress: bool = True,
                    errors=None) -> PredictSummary:
     """Predict every image under `images`; write JSON Lines to `out` (a text stream)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = inference_device(device)
     model, info = load_for_inference(checkpoint, device)
     vocabulary = info["vocabulary"]
     root = Path(images)
