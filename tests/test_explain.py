@@ -120,3 +120,20 @@ def test_grad_cam_and_saliency_match_their_definitions(tiny_checkpoint, df_val_i
     pixels = images.clone().requires_grad_()
     pixel_gradient, = torch.autograd.grad(model(pixels)["attributes"][0, attribute], pixels)
     torch.testing.assert_close(saliency(model, images, attribute), pixel_gradient.abs()[0].amax(dim=0))
+
+
+def test_by_default_the_baseline_explains_the_attributes_the_model_chose(tiny_checkpoint, tiny_baseline_checkpoint,
+                                                                         df_val_images, tmp_path):
+    out = tmp_path / "gallery"
+    result = CliRunner().invoke(vsam, ["explain", "--checkpoint", str(tiny_checkpoint), "--baseline",
+                                       str(tiny_baseline_checkpoint), "--images", str(df_val_images),
+                                       "--out", str(out), "--limit", "1", "--top", "2"])
+    assert result.exit_code == 0, result.output
+    model, info = load_for_inference(tiny_checkpoint)
+    with torch.no_grad():
+        logits = model(_one_image(df_val_images, info["image_size"]))["attributes"][0]
+    top = [info["vocabulary"].attributes[a] for a in torch.argsort(logits, descending=True, stable=True)[:2]]
+    folder, = (out / "images").iterdir()
+    for key in ("model", "baseline"):
+        explained = sorted(p.name[len(f"{key}-gradcam-"):-4] for p in folder.glob(f"{key}-gradcam-*.png"))
+        assert explained == sorted(top), key

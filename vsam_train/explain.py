@@ -60,6 +60,7 @@ class Explanation:
     label: str                 # the model's column header
     panels: list[Panel] = field(default_factory=list)
     summary: str = ""          # its top predictions for this image
+    attributes: list[int] = field(default_factory=list)   # the attributes its Grad-CAM and saliency explain
 
 
 @dataclass
@@ -164,9 +165,10 @@ def _safe(name: str) -> str:
 
 # --- one image ---------------------------------------------------------------------------------
 
-def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: list[int], folder: Path,
-                  out: Path, key: str, label: str, device: torch.device) -> Explanation:
-    """Write `key`-*.png for one model and image into `folder`; return its gallery column."""
+def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: list[int] | None, top: int,
+                  folder: Path, out: Path, key: str, label: str, device: torch.device) -> Explanation:
+    """Write `key`-*.png for one model and image into `folder`; return its gallery column.
+    `attributes` None: the model's own `top` best-scoring ones."""
     vocabulary = info["vocabulary"]
     images = preprocess(rgb, info["image_size"])[None].to(device)
     picture = display_image(rgb)
@@ -180,6 +182,9 @@ def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: lis
     with torch.no_grad():
         outputs = model(images, return_features=True)
     explanation.summary = _top_predictions(outputs, vocabulary)
+    if attributes is None and outputs["attributes"] is not None:
+        attributes = torch.argsort(outputs["attributes"][0].float(), descending=True, stable=True)[:top].tolist()
+    explanation.attributes = attributes or []
     if outputs["attention"] is not None:
         attention = outputs["attention"][0, 0].float().cpu().numpy()
         add("Ŝ (pose attention)", "attention", attention, f"max {attention.max():.2f}")
@@ -190,7 +195,7 @@ def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: lis
     add("CAM", "cam", scaled_to_max(raw), title)
     if outputs["attributes"] is not None:
         scores = torch.sigmoid(outputs["attributes"][0].float())
-        for a in attributes:
+        for a in explanation.attributes:
             caption = f"{vocabulary.attributes[a]} ({float(scores[a]):.2f})"
             add("Grad-CAM", f"gradcam-{vocabulary.attributes[a]}", scaled_to_max(grad_cam(model, images, a)), caption)
             add("saliency", f"saliency-{vocabulary.attributes[a]}", scaled_to_max(saliency(model, images, a)), caption)
@@ -208,18 +213,6 @@ def _top_predictions(outputs: dict, vocabulary, n: int = 3) -> str:
         best = torch.argsort(scores, descending=True, stable=True)[:n].tolist()
         parts += [f"{vocabulary.attributes[a]} {float(scores[a]):.2f}" for a in best]
     return ", ".join(parts)
-
-
-def chosen_attributes(names: list[str] | None, top: int, model: nn.Module, info: dict, rgb: np.ndarray,
-                      device: torch.device) -> list[int]:
-    vocabulary = info["vocabulary"]
-    if names:
-        return [vocabulary.attributes.index(name) for name in names]
-    if not vocabulary.attributes:
-        return []
-    with torch.no_grad():
-        logits = model(preprocess(rgb, info["image_size"])[None].to(device))["attributes"][0]
-    return torch.argsort(logits.float(), descending=True, stable=True)[:top].tolist()
 
 
 # --- the folder --------------------------------------------------------------------------------
@@ -246,6 +239,7 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     if baseline is not None:
         labels["baseline"] = f"baseline: {models[1][2]['model_name']} ({Path(baseline).name})"
 
+    named = [vocabulary.attributes.index(name) for name in attributes] if attributes else None
     root, out = Path(images), Path(out)
     paths = find_images(root)[:limit]
     out.mkdir(parents=True, exist_ok=True)
@@ -262,9 +256,11 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
         folder = out / "images" / f"{number:05d}-{_safe(path.stem)}"
         folder.mkdir(parents=True, exist_ok=True)
         display_image(decoded.rgb).save(folder / "input.png")
-        chosen = chosen_attributes(attributes, top, models[0][1], models[0][2], decoded.rgb, device)
-        columns = [explain_model(model, info, decoded.rgb, chosen, folder, out, key, labels[key], device)
-                   for key, model, info in models]
+        chosen = named
+        columns = []
+        for key, model, info in models:   # the baseline explains what the main model chose
+            columns.append(explain_model(model, info, decoded.rgb, chosen, top, folder, out, key, labels[key], device))
+            chosen = columns[0].attributes
         rows.append((relative, (folder / "input.png").relative_to(out).as_posix(), columns))
         summary.n_explained += 1
     write_gallery(out / "index.html", rows, summary, labels)
