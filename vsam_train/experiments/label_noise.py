@@ -31,7 +31,9 @@ from pose_prep.shard_format import (Shard, ShardMetadata, commit_shard, file_rec
                                     record_files, set_meta, shard_name, write_shard)
 
 from ..config import load_config
+from ..data import read_collection
 from ..evaluate import predict_split, without_nan, write_json
+from ..train import main as train_main
 
 THRESHOLDS = (0.4, 0.5, 0.6)
 HISTOGRAM_BINS = 20
@@ -97,8 +99,6 @@ def run(shards: str | Path, attribute: str, drop: float, out: str | Path, *, con
         overrides: dict | None = None, seed: int = 0, eval_split: str = "val", models=MODELS,
         device: str | None = None) -> dict:
     """The whole experiment (see the module docstring); returns what label_noise.json holds."""
-    from ..train import main as train_main
-
     if not 0 <= drop <= 1:
         raise ExperimentError(f"--drop is a fraction in [0, 1], not {drop}")
     out = Path(out)
@@ -107,7 +107,7 @@ def run(shards: str | Path, attribute: str, drop: float, out: str | Path, *, con
     configs = {name: load_config(config_file, {**(overrides or {}), "train.seed": seed, "model.name": name})
                for name in models}
     train_split = configs[models[0]]["data"]["train_split"]
-    vocabulary_names = _attribute_names(shards)
+    vocabulary_names = read_collection(shards).vocabulary.attributes
     if attribute not in vocabulary_names:
         raise ExperimentError(f"{shards} has no attribute {attribute!r}; it has {', '.join(vocabulary_names)}")
     index = vocabulary_names.index(attribute)
@@ -138,12 +138,6 @@ def run(shards: str | Path, attribute: str, drop: float, out: str | Path, *, con
     plot_histograms(report, out / "label_noise.png")
     write_json(report, out / "label_noise.json")
     return without_nan(report)
-
-
-def _attribute_names(shards) -> list[str]:
-    from ..data import read_collection
-
-    return read_collection(shards).vocabulary.attributes
 
 
 def score_summary(scores: np.ndarray, labels: np.ndarray) -> dict:
