@@ -44,6 +44,18 @@ def test_preprocess_stretches_to_a_square_and_normalises_with_imagenet_statistic
         preprocess(np.zeros((10, 10), np.uint8), 32)
 
 
+def test_normalisation_constants_are_made_once_per_device_and_serve_autograd_after_inference_mode():
+    from vsam_train.data import _mean_std, normalize
+
+    _mean_std.cache_clear()
+    with torch.inference_mode():               # evaluate() may be the first to normalise
+        normalize(torch.rand(3, 4, 4))
+    pixels = torch.rand(3, 4, 4, requires_grad=True)
+    normalize(pixels).sum().backward()         # e.g. a saliency map through the preprocessing
+    torch.testing.assert_close(pixels.grad, (1 / torch.tensor(STD)).view(3, 1, 1).expand(3, 4, 4))
+    assert _mean_std.cache_info().misses == 1
+
+
 def test_train_batches_hold_real_labels_heatmaps_and_pose_flags(df_shards, shared_data):
     batches = list(make_loader(_stream(df_shards), num_workers=0))
     items = {i["path"]: i for i in live_items(df_shards)}
