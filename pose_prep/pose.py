@@ -18,9 +18,10 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from . import images
-from .detectors import check_detector, make_detector
+from .detectors import check_detector
 from .detectors.openpose_json import keypoints_file_name
 from .keypoints import select_main_person, to_openpose_dict
+from .prep_worker import detector_for
 
 FAILURES_FILE = "pose_failures.jsonl"
 OVERLAY_SUFFIX = "_overlay.png"
@@ -115,15 +116,9 @@ def _failed(relative_path: str, reason: str, *stale: Path) -> ImageResult:
     return ImageResult(relative_path, reason=reason)
 
 
-# One detector per process: built on the first task a worker gets, reused for the following ones.
-_process_detectors: dict[str, object] = {}
-
-
 def _process_batch(detector_name: str, images_dir: Path, relative_paths: list[str], out: Path,
                    overlays: bool) -> list[ImageResult]:
-    detector = _process_detectors.get(detector_name)
-    if detector is None:
-        detector = _process_detectors[detector_name] = make_detector(detector_name)
+    detector = detector_for(detector_name)   # built on a worker's first task, reused for the following ones
     return [process_image(detector, images_dir, path, out, overlays) for path in relative_paths]
 
 
