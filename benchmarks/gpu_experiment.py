@@ -461,8 +461,7 @@ def evaluate_run(model, criterion, val, val_batches, device, config, baseline: d
     recorder = AttentionRecorder(model)
     result = evaluate(recorder, criterion, val_batches, device, config=config)
     metrics = compute_metrics(result["attribute_scores"], result["attribute_labels"], val.vocabulary,
-                              result["category_logits"],
-                              result["category_labels"] if result["category_logits"] is not None else None)
+                              result["category_logits"], result["category_labels"])
     stuck, why = stays_at_majority(metrics, baseline, margin)
     out = {"val_loss": result["loss"], "val_attribute_loss": result["attribute_loss"],
            "val_heatmap_loss": result["heatmap_loss"], "metrics": metrics, "stays_at_majority": stuck,

@@ -305,6 +305,9 @@ def test_compute_metrics_without_groups_or_categories():
     scores, labels = random_case(3, unknown=0.1)
     vocabulary = Vocabulary(attributes=[f"a{j}" for j in range(labels.shape[1])])
     metrics = compute_metrics(scores, labels, vocabulary)
+    # What train.evaluate returns for a model without a category head: labels, no logits.
+    without_head = compute_metrics(scores, labels, vocabulary, None, np.full(len(labels), -1))
+    assert json.dumps(without_head) == json.dumps(metrics)
     assert metrics["top3_recall"].keys() == {"all"} and metrics["top5_recall"].keys() == {"all"}
     assert "group_top1" not in metrics and "category_top1" not in metrics
     assert metrics["AP_excluded"] >= 1

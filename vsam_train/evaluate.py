@@ -65,9 +65,8 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
     result, info = predict_split(checkpoint, shards, split, batch_size=batch_size, device=device, workers=workers)
     if result["attribute_scores"] is None:
         raise EvalError(f"{checkpoint}: the model has no attribute head, nothing to evaluate")
-    category_logits = result["category_logits"]
     metrics = compute_metrics(result["attribute_scores"], result["attribute_labels"], info["vocabulary"],
-                              category_logits, result["category_labels"] if category_logits is not None else None)
+                              result["category_logits"], result["category_labels"])
     metrics.update({
         "checkpoint": str(checkpoint), "model": info["model_name"], "epoch": info["epoch"], "step": info["step"],
         "shards": str(shards), "split": split, "image_size": info["image_size"],

@@ -230,7 +230,8 @@ def category_accuracy(logits, labels, ks: Sequence[int] = CATEGORY_TOP_K) -> dic
 
 def compute_metrics(attribute_scores, attribute_labels, vocabulary: Vocabulary,
                     category_logits=None, category_labels=None) -> dict:
-    """Every metric of `vsam eval` as one JSON-serialisable dict (see the module docstring)."""
+    """Every metric of `vsam eval` as one JSON-serialisable dict (see the module docstring).
+    `category_labels` are read only with `category_logits` (a model with a category head)."""
     scores, labels = _check_scores_labels(attribute_scores, attribute_labels)
     if len(vocabulary.attributes) != scores.shape[1]:
         raise ValueError(f"{scores.shape[1]} attribute columns but {len(vocabulary.attributes)} attributes in the vocabulary")
