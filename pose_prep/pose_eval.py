@@ -82,25 +82,35 @@ def load_annotations(images_dir: str | Path, annotation_files) -> tuple[list[Ann
     annotated, left_out = [], 0
     for annotation_file in annotation_files:
         try:
-            coco = json.loads(Path(annotation_file).read_text())
-            entries = {entry["id"]: entry for entry in coco["images"]}
-            annotations = coco["annotations"]
+            images_of_file, left_out_of_file = _read_annotation_file(annotation_file, Path(images_dir), by_name)
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise EvalError(f"{annotation_file}: not a COCO keypoints file ({error})") from None
-        persons_of: dict[int, list[AnnotatedPerson]] = {}
-        for annotation in annotations:
-            entry = entries.get(annotation.get("image_id"), {})
-            person = annotated_person(annotation, entry.get("width"), entry.get("height"))
-            if person is None:
-                left_out += 1
-            else:
-                persons_of.setdefault(annotation["image_id"], []).append(person)
-        for image_id, persons in sorted(persons_of.items()):
-            entry = entries.get(image_id)
-            if entry is None:
-                raise EvalError(f"{annotation_file}: annotation for image id {image_id}, which it does not list")
-            path = _find(by_name, Path(images_dir), entry["file_name"])
-            annotated.append(AnnotatedImage(path, int(entry["width"]), int(entry["height"]), persons))
+            # A malformed entry (a missing key, a keypoint list of the wrong length) names the file too.
+            raise EvalError(f"{annotation_file}: not a COCO keypoints file ({error!r})") from None
+        annotated += images_of_file
+        left_out += left_out_of_file
+    return annotated, left_out
+
+
+def _read_annotation_file(annotation_file, images_dir: Path,
+                          by_name: dict[str, list[Path]]) -> tuple[list[AnnotatedImage], int]:
+    coco = json.loads(Path(annotation_file).read_text())
+    entries = {entry["id"]: entry for entry in coco["images"]}
+    persons_of: dict[int, list[AnnotatedPerson]] = {}
+    left_out = 0
+    for annotation in coco["annotations"]:
+        entry = entries.get(annotation.get("image_id"), {})
+        person = annotated_person(annotation, entry.get("width"), entry.get("height"))
+        if person is None:
+            left_out += 1
+        else:
+            persons_of.setdefault(annotation["image_id"], []).append(person)
+    annotated = []
+    for image_id, persons in sorted(persons_of.items()):
+        entry = entries.get(image_id)
+        if entry is None:
+            raise EvalError(f"{annotation_file}: annotation for image id {image_id}, which it does not list")
+        path = _find(by_name, images_dir, entry["file_name"])
+        annotated.append(AnnotatedImage(path, int(entry["width"]), int(entry["height"]), persons))
     return annotated, left_out
 
 

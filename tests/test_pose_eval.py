@@ -172,6 +172,16 @@ def test_unusable_annotations_fail_clearly(fashion, tmp_path):
         evaluate(images_dir, [tmp_path / "nobody.json"], "blazepose")
     with pytest.raises(EvalError, match="detector openpose-json.*failed: no OpenPose keypoints"):
         evaluate(images_dir, annotations, f"openpose-json:{tmp_path}")
+    data = json.loads(Path(annotations[0]).read_text())
+    data["annotations"][0]["keypoints"] = data["annotations"][0]["keypoints"][:50]
+    (tmp_path / "short.json").write_text(json.dumps(data))
+    with pytest.raises(EvalError, match="short.json: not a COCO keypoints file.*size 50"):
+        evaluate(images_dir, [tmp_path / "short.json"], "blazepose")
+    data = json.loads(Path(annotations[0]).read_text())
+    del data["images"][0]["file_name"]
+    (tmp_path / "nameless.json").write_text(json.dumps(data))
+    with pytest.raises(EvalError, match="nameless.json: not a COCO keypoints file.*file_name"):
+        evaluate(images_dir, [tmp_path / "nameless.json"], "blazepose")
     (tmp_path / "junk.json").write_text("[]")
     result = CliRunner().invoke(vsam, ["pose-eval", "--images", str(images_dir), "--annotations",
                                        str(tmp_path / "junk.json")])
