@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from cli import main as vsam
 from pose_prep.images import load
 from pose_prep.shard_format import live_items
-from vsam_train.checkpoint import load_checkpoint, load_for_inference
-from vsam_train.config import load_config
+from vsam_train.checkpoint import CheckpointError, load_checkpoint, load_for_inference
+from vsam_train.config import ConfigError, load_config, save_config
 from vsam_train.data import preprocess
 from vsam_train.models import create_model
-from vsam_train.train import RunFolderError, build_optimizer, main
+from vsam_train.train import RunFolderError, build_optimizer, main, resolve_run_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +63,10 @@ def test_tiny_training_on_real_shards_lowers_the_loss_and_leaves_a_complete_run_
     config["train"]["epochs"] = 4                     # resuming a finished run extends it
     main(config, df_shards, run, resume=True, device="cpu")
     assert [m["epoch"] for m in _lines(run / "metrics.jsonl")] == [1, 2, 3, 4]
+    other = load_config(TINY, {"model.width": 0.125})  # a checkpoint of another model is named, not a traceback
+    with pytest.raises(CheckpointError, match="last.pt: does not fit this run's model"):
+        main(other, df_shards, run, resume=True, device="cpu")
+    assert yaml.safe_load((run / "config.yaml").read_text()) == config
 
 
 def test_learning_rate_follows_keras_inverse_time_decay():
@@ -150,6 +154,24 @@ def test_cli_refuses_bad_config_and_an_existing_run_with_exit_codes(df_shards, t
     result = runner.invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "b"),
                                   "--config", str(TINY)])
     assert result.exit_code == 1 and "pass --resume" in result.output
+
+
+def test_resume_refuses_changes_of_what_the_run_computes_with_or_without_a_config_file(tmp_path):
+    save_config(load_config(TINY), tmp_path / "config.yaml")
+    assert resolve_run_config(tmp_path, None, {"train.epochs": 9}, resume=True)["train"]["epochs"] == 9
+    assert resolve_run_config(tmp_path, TINY, {"data.num_workers": 0}, resume=True)["data"]["num_workers"] == 0
+    for config_file in (None, TINY):
+        with pytest.raises(ConfigError, match=r"differs from the run's .*config.yaml in train.batch_size"):
+            resolve_run_config(tmp_path, config_file, {"train.batch_size": 8}, resume=True)
+    with pytest.raises(ConfigError, match="in model.group_joints.collar"):    # a key added to an open mapping
+        resolve_run_config(tmp_path, None, {"model.group_joints.collar": "neckline"}, resume=True)
+
+
+def test_cli_names_a_cuda_device_that_is_not_there(df_shards, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "run"),
+                                       "--config", str(TINY), "--device", "cuda"])
+    assert result.exit_code == 2 and "--device cuda, but torch sees no CUDA device" in result.output
 
 
 def test_the_trainer_never_imports_a_pose_detector():

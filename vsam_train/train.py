@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import ConfigError, load_config, save_config
 from .data import ShardStream, decode_on_device, make_loader, read_collection
 from .groups import CorrelationAccumulator, plan_for
@@ -52,27 +52,26 @@ RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.cpu_threads", "tr
 
 def resolve_run_config(out: str | Path, config_file: str | Path | None, overrides: dict, resume: bool) -> dict:
     """The config of a run: the given file (or the defaults) with the CLI overrides on top. With
-    `resume`, the run folder's own config.yaml is the base when no file is given, and a given file
+    `resume`, the run folder's own config.yaml is the base when no file is given, and the result
     must agree with it except for RESUMABLE_CHANGES (the same command plus --resume just works)."""
     saved = Path(out) / "config.yaml"
     if not (resume and saved.exists()):
         return load_config(config_file, overrides)
-    if config_file is None:
-        return load_config(saved, overrides)
-    config, before = load_config(config_file, overrides), load_config(saved)
+    config, before = load_config(saved if config_file is None else config_file, overrides), load_config(saved)
     changed = [key for key in _differences(before, config) if key not in RESUMABLE_CHANGES]
     if changed:
-        raise ConfigError(f"--resume: {config_file} (with the options given) differs from the run's {saved} in "
-                          f"{', '.join(changed)}; resume without --config to continue the run as it was")
+        given = "the options given" if config_file is None else f"{config_file} (with the options given)"
+        raise ConfigError(f"--resume: {given} differs from the run's {saved} in {', '.join(changed)}; a resumed "
+                          f"run may change only {', '.join(RESUMABLE_CHANGES)}")
     return config
 
 
 def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
     keys = []
-    for key in a:
-        if isinstance(a[key], dict) and isinstance(b.get(key), dict):
+    for key in [*a, *(k for k in b if k not in a)]:    # b may add keys to an open mapping (group_joints)
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
             keys += _differences(a[key], b[key], f"{prefix}{key}.")
-        elif a[key] != b.get(key):
+        elif a.get(key) != b.get(key):
             keys.append(prefix + key)
     return keys
 
@@ -85,7 +84,7 @@ def setup_distributed(device_kind: str) -> tuple[int, int, torch.device]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_kind == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda, but torch sees no CUDA device")
+            raise ConfigError("--device cuda, but torch sees no CUDA device")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
@@ -463,11 +462,14 @@ def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) 
     start_epoch, step = 0, 0
     if resume and last.exists():
         state = load_checkpoint(last, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        restore_rng_states(state["rng"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            start_epoch, step = int(state["epoch"]), int(state["step"])
+            restore_rng_states(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{last}: does not fit this run's model and config ({error})") from None
 
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
