@@ -350,6 +350,8 @@ def test_correlation_is_pearsons_over_the_masked_items_pixels_and_streams():
     streamed.update(maps[:3], targets[:3], mask[:3])
     streamed.update(maps[3:], targets[3:], mask[3:])
     np.testing.assert_allclose(streamed.compute(), expected, rtol=1e-10)
+    squared = [((maps[mask[:, g], g] - targets[mask[:, g], g]).double() ** 2).mean().item() for g in range(2)]
+    np.testing.assert_allclose(streamed.mean_squared_error(), squared, rtol=1e-10)   # evaluate's attention_mse
     assert np.isnan(attention_correlation(maps, targets, torch.zeros(6, 2, dtype=torch.bool))).all()
 
 

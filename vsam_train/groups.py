@@ -141,6 +141,10 @@ class CorrelationAccumulator:
                                   (weight * y).sum((0, 2, 3)), (weight * x * x).sum((0, 2, 3)),
                                   (weight * y * y).sum((0, 2, 3)), (weight * x * y).sum((0, 2, 3))], dim=1)
 
+    def mean_squared_error(self) -> list[float]:
+        """Per channel: the mean of (predicted − target)² over the pixels that counted; NaN where none did."""
+        return [(sxx - 2 * sxy + syy) / n if n else math.nan for n, _, _, sxx, syy, sxy in self.sums.tolist()]
+
     def compute(self) -> list[float]:
         result = []
         for n, sx, sy, sxx, syy, sxy in self.sums.tolist():

@@ -222,7 +222,6 @@ def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
     channels_last = config["train"]["channels_last"] and device.type == "cuda"
     image_size = config["model"]["image_size"]
     sums, n_items = torch.zeros(4, dtype=torch.float64), 0
-    attention_error, attention_pixels = 0.0, 0
     group_names = getattr(unwrap(model), "group_names", None)
     correlation = CorrelationAccumulator(1)
     group_correlation = CorrelationAccumulator(len(group_names)) if group_names else None
@@ -240,12 +239,8 @@ def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
             scores.append(torch.sigmoid(outputs["attributes"].float()).cpu())
         if outputs["category"] is not None:
             logits.append(outputs["category"].float().cpu())
-        if outputs["attention"] is not None and targets["has_pose"].any():
-            pose = targets["has_pose"]
-            difference = outputs["attention"][pose].float() - targets["heatmap"][pose]
-            attention_error += difference.pow(2).sum().item()
-            attention_pixels += difference.numel()
-            correlation.update(outputs["attention"].float(), targets["heatmap"], pose)
+        if outputs["attention"] is not None:
+            correlation.update(outputs["attention"].float(), targets["heatmap"], targets["has_pose"])
         if group_correlation is not None and outputs.get("group_attention") is not None and "group_heatmap" in targets:
             group_correlation.update(outputs["group_attention"].float(), targets["group_heatmap"],
                                      targets["group_has_pose"])
@@ -253,6 +248,7 @@ def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
         categories.append(batch["category"])
         paths += batch["path"]
     means = (sums / max(n_items, 1)).tolist()
+    posed = bool(correlation.sums[0, 0])   # pixels of items with a pose were counted
     return {
         "loss": means[0], "category_loss": means[1], "attribute_loss": means[2], "heatmap_loss": means[3],
         "n_items": n_items,
@@ -261,8 +257,8 @@ def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
         "category_logits": torch.cat(logits).numpy() if logits else None,
         "category_labels": torch.cat(categories).numpy() if categories else np.zeros(0, np.int64),
         "paths": paths,
-        "attention_mse": attention_error / attention_pixels if attention_pixels else None,
-        "attention_correlation": correlation.compute()[0] if attention_pixels else None,
+        "attention_mse": correlation.mean_squared_error()[0] if posed else None,
+        "attention_correlation": correlation.compute()[0] if posed else None,
         "group_attention_correlation": (dict(zip(group_names, group_correlation.compute()))
                                         if group_correlation is not None and group_correlation.sums[:, 0].any()
                                         else None),
