@@ -27,7 +27,7 @@ def resnet50_trunk(width: float = 1.0) -> ResNet:
 
 class ResNet50(TwoHeads):
     def __init__(self, num_categories: int, num_attributes: int, *, width: float = 1.0, image_size: int = 224,
-                 batch_norm: bool = True, dropout: float = 0.5):
+                 dropout: float = 0.5):
         out_channels = scaled(512, width) * Bottleneck.expansion
         super().__init__(out_channels, scaled(HEAD_CHANNELS, width), num_categories, num_attributes, dropout)
         self.width = width
