@@ -73,6 +73,19 @@ def test_heatmap_softmax_l2_follows_the_released_code():
     assert ours.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_heatmap_terms_of_items_without_pose_are_masked_out_with_no_gradient():
+    torch.manual_seed(0)
+    attention, target = torch.rand(3, 1, 4, 4, requires_grad=True), torch.rand(3, 1, 4, 4)
+    has_pose = torch.tensor([True, False, True])
+    for kind in ("l2", "softmax_l2"):
+        attention.grad = None
+        loss = heatmap_loss(attention, target, has_pose, kind)
+        posed = heatmap_loss(attention[[0, 2]], target[[0, 2]], torch.tensor([True, True]), kind)
+        torch.testing.assert_close(loss, posed)
+        loss.backward()
+        assert attention.grad[1].abs().sum() == 0 and attention.grad[[0, 2]].abs().sum() > 0
+
+
 def test_heatmap_shapes_must_agree():
     with pytest.raises(ValueError, match="image_size / 4"):
         heatmap_loss(torch.rand(1, 1, 16, 16), torch.rand(1, 1, 56, 56), torch.tensor([True]))
