@@ -16,7 +16,7 @@ import numpy as np
 
 from ..keypoints import drop_outside, from_coco17
 
-# Joints YOLO scores below this are guesses (it places every one of the 17 joints somewhere).
+# Joints YOLO scores at or below this are guesses (it places every one of the 17 joints somewhere).
 MIN_JOINT_SCORE = 0.5
 MIN_BOX_SCORE = 0.25
 
