@@ -115,7 +115,7 @@ def _squared_distance_to_segments(cells_x, cells_y, x0, y0, x1, y1) -> np.ndarra
 
 def group_for_category_type(category_type: int | None) -> str:
     """Joint subset for a DeepFashion category type (1 upper, 2 lower, 3 full); else the full body."""
-    return CATEGORY_TYPE_GROUP.get(category_type, DEFAULT_GROUP) if category_type is not None else DEFAULT_GROUP
+    return CATEGORY_TYPE_GROUP.get(category_type, DEFAULT_GROUP)
 
 
 def to_uint8(heatmap: np.ndarray) -> np.ndarray:
