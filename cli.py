@@ -210,6 +210,16 @@ def shards_verify(folder) -> None:
 
 # --- train (vsam_train) -----------------------------------------------------------------------
 
+def _config_assignments(ctx, param, assignments) -> dict:
+    """--set KEY=VALUE options (train, experiment) as config overrides; a malformed one is a usage error."""
+    from vsam_train.config import ConfigError, parse_assignments
+
+    try:
+        return parse_assignments(assignments)
+    except ConfigError as error:
+        raise click.BadParameter(str(error), ctx=ctx, param=param) from None
+
+
 @main.command("train")
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard folder written by `vsam prep-pose`.")
@@ -230,7 +240,7 @@ def shards_verify(folder) -> None:
 @click.option("--compile/--no-compile", default=None, help="train.compile (torch.compile)")
 @click.option("--deterministic/--no-deterministic", default=None,
               help="train.deterministic: same results on every run, at some speed.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", callback=_config_assignments,
               help="Any other config value, e.g. --set loss.heatmap_loss.kind=softmax_l2 (repeatable).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when present.")
@@ -253,11 +263,7 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
         ("model.pretrained", pretrained), ("data.num_workers", workers), ("data.decode", decode),
         ("train.compile", compile), ("train.deterministic", deterministic))
         if value is not None}
-    for assignment in assignments:
-        key, sep, value = assignment.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{assignment!r} is not KEY=VALUE", param_hint="--set")
-        overrides[key.strip()] = value
+    overrides.update(assignments)
     try:
         config = resolve_run_config(out, config_file, overrides, resume)
         summary = train_main(config, shards, out, resume=resume, device=device)
@@ -441,7 +447,7 @@ def experiment() -> None:
 @click.option("--eval-split", default="val", show_default=True, type=click.Choice(["val", "test", "train", "none"]),
               help="Held-out split whose true positives are scored.")
 @click.option("--models", default="vsam,vgg16", show_default=True, help="Comma-separated models to compare.")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", callback=_config_assignments,
               help="Any config value for both models, e.g. --set train.epochs=2 (repeatable).")
 @_DEVICE
 def label_noise(shards, attribute, drop, config_file, out, seed, eval_split, models, assignments, device) -> None:
@@ -454,18 +460,12 @@ def label_noise(shards, attribute, drop, config_file, out, seed, eval_split, mod
     from vsam_train.experiments.label_noise import ExperimentError, run
     from vsam_train.models import PretrainedWeightsError
 
-    overrides = {}
-    for assignment in assignments:
-        key, sep, value = assignment.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{assignment!r} is not KEY=VALUE", param_hint="--set")
-        overrides[key.strip()] = value
     names = tuple(name.strip() for name in models.split(",") if name.strip())
     if not names or not set(names) <= {"vsam", "vgg16", "resnet50"}:
         raise click.BadParameter(f"{models!r}: choose among vsam, vgg16, resnet50", param_hint="--models")
     out = out or f"label-noise-{attribute}"
     try:
-        report = run(shards, attribute, drop, out, config_file=config_file, overrides=overrides, seed=seed,
+        report = run(shards, attribute, drop, out, config_file=config_file, overrides=assignments, seed=seed,
                      eval_split=eval_split, models=names, device=device)
     except ConfigError as error:
         click.echo(f"vsam experiment label-noise: {error}", err=True)

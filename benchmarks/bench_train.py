@@ -26,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vsam_train.config import load_config  # noqa: E402
+from vsam_train.config import ConfigError, load_config, parse_assignments  # noqa: E402
 from vsam_train.data import ShardStream, make_loader  # noqa: E402
 from vsam_train.losses import VsamLoss  # noqa: E402
 from vsam_train.train import (_autocast, build_model, build_optimizer, images_on_device,  # noqa: E402
@@ -50,7 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
                         help="any config value, e.g. --set model.width=0.25 (repeatable)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.settings = parse_assignments(args.assignments)
+    except ConfigError as error:
+        parser.error(f"--set: {error}")
+    return args
 
 
 def make_config(args) -> dict:
@@ -59,10 +64,7 @@ def make_config(args) -> dict:
                        ("data.decode", args.decode)):
         if value is not None:
             overrides[key] = value
-    for assignment in args.assignments:
-        key, _, value = assignment.partition("=")
-        overrides[key] = value
-    return load_config(args.config, overrides)
+    return load_config(args.config, {**overrides, **args.settings})
 
 
 class Batches:

@@ -50,7 +50,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from bench_train import Trainer, timed  # noqa: E402
 from pose_prep.shard_format import collection_info  # noqa: E402
-from vsam_train.config import MODEL_VARIANTS, load_config, set_key  # noqa: E402
+from vsam_train.config import MODEL_VARIANTS, ConfigError, load_config, parse_assignments, set_key  # noqa: E402
 from vsam_train.data import ShardStream, decode_on_device, make_loader, split_group_heatmaps  # noqa: E402
 from vsam_train.evaluate import without_nan, write_json  # noqa: E402
 from vsam_train.fast import (AttentionRecorder, ResidentBatches, attention_agreement, heatmap_batch,  # noqa: E402
@@ -118,6 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.child_spec is None and (args.shards is None or args.out is None):
         parser.error("--shards and --out are required")
+    try:
+        args.settings = parse_assignments(args.assignments)
+    except ConfigError as error:
+        parser.error(f"--set: {error}")
     defaults = TINY if args.tiny else FULL
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
@@ -216,10 +220,7 @@ def base_config(args) -> dict:
     overrides = {}
     if args.image_size:
         overrides["model.image_size"] = args.image_size
-    for assignment in args.assignments:
-        key, _, value = assignment.partition("=")
-        overrides[key] = value
-    return load_config(config_file, overrides)
+    return load_config(config_file, {**overrides, **args.settings})
 
 
 def model_config(config: dict, name: str, *, seed: int = 0, batch_norm: bool | None = None) -> dict:

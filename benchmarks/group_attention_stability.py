@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import vsam_train.train as training  # noqa: E402
-from vsam_train.config import load_config  # noqa: E402
+from vsam_train.config import ConfigError, load_config, parse_assignments  # noqa: E402
 from vsam_train.models.heads import init_from_scratch  # noqa: E402
 
 VARIANTS = ("groups", "groups-warmup", "groups-mean", "groups-kaiming", "conv3x3", "vsam")
@@ -87,10 +87,7 @@ def run_one(variant: str, seed: int, args) -> dict:
     if variant != "vsam":
         overrides["model.attention"] = "groups"
     overrides.update(EXTRA.get(variant, {}))
-    for assignment in args.assignments:
-        key, _, value = assignment.partition("=")
-        overrides[key] = value
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, {**overrides, **args.settings})
     build = training.build_model
     training.build_model = lambda c, v: modify(build(c, v), variant)
     started = time.perf_counter()
@@ -121,6 +118,10 @@ def main(argv=None) -> None:
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    try:
+        args.settings = parse_assignments(args.assignments)
+    except ConfigError as error:
+        parser.error(f"--set: {error}")
     runs = []
     for variant in args.variants.split(","):
         for seed in range(args.first_seed, args.first_seed + args.seeds):

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vsam_train.config import DEFAULTS, ConfigError, load_config, save_config
+from vsam_train.config import DEFAULTS, ConfigError, load_config, parse_assignments, save_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -40,3 +40,14 @@ def test_typos_and_bad_values_are_errors_that_name_the_key(tmp_path):
     bad.write_text("model: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_set_assignments_become_overrides_and_a_malformed_one_is_named():
+    overrides = parse_assignments(["train.epochs=3", " loss.heatmap_loss.kind =softmax_l2", "model.pretrained=a=b",
+                                   "train.epochs=4"])
+    assert overrides == {"train.epochs": "4", "loss.heatmap_loss.kind": "softmax_l2", "model.pretrained": "a=b"}
+    assert load_config(None, overrides)["train"]["epochs"] == 4
+    assert parse_assignments([]) == {}
+    for bad in ("train.epochs", "=3", " =3"):
+        with pytest.raises(ConfigError, match=f"{bad!r} is not KEY=VALUE"):
+            parse_assignments(["train.epochs=3", bad])

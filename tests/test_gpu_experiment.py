@@ -120,13 +120,17 @@ def test_tiny_run_trains_both_models_and_reports_sane_validation_metrics(tiny_ru
     assert -1 <= training["mean_heatmap_attention"]["pearson_mean"] <= 1
 
 
-def test_bad_shards_folder_is_an_input_error(tmp_path):
+def test_bad_shards_folder_is_an_input_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ge.main(["--shards", str(tmp_path / "missing"), "--out", str(tmp_path / "out"), "--tiny"])
     assert exit_info.value.code == ge.EXIT_BAD_INPUT
     with pytest.raises(SystemExit) as exit_info:
         ge.main(["--shards", str(tmp_path), "--out", str(tmp_path / "out"), "--tiny", "--compare", "vsam,alexnet"])
     assert exit_info.value.code == ge.EXIT_BAD_INPUT
+    with pytest.raises(SystemExit) as exit_info:
+        ge.main(["--shards", str(tmp_path), "--out", str(tmp_path / "out"), "--tiny", "--set", "train.epochs"])
+    assert exit_info.value.code == ge.EXIT_BAD_INPUT
+    assert "--set: 'train.epochs' is not KEY=VALUE" in capsys.readouterr().err
 
 
 def test_compile_child_is_killed_when_the_budget_runs_out(df_shards, tmp_path):

@@ -149,6 +149,9 @@ def test_cli_refuses_bad_config_and_an_existing_run_with_exit_codes(df_shards, t
     result = runner.invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "a"),
                                   "--set", "model.depth=3"])
     assert result.exit_code == 2 and "unknown config key 'model.depth'" in result.output
+    result = runner.invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "a"),
+                                  "--set", "model.depth"])
+    assert result.exit_code == 2 and "'model.depth' is not KEY=VALUE" in result.output
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     (tmp_path / "b" / "checkpoints" / "last.pt").write_bytes(b"")
     result = runner.invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "b"),

@@ -138,6 +138,17 @@ def _merge(into: dict, update: dict, source: str, prefix: tuple) -> None:
             into[key] = value
 
 
+def parse_assignments(assignments) -> dict:
+    """`--set` options ["train.epochs=3", ...] as overrides {"train.epochs": "3", ...} for `load_config`."""
+    overrides = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{assignment!r} is not KEY=VALUE (e.g. train.epochs=3)")
+        overrides[key.strip()] = value
+    return overrides
+
+
 def set_key(config: dict, dotted: str, value) -> None:
     """Set `section.key[.subkey]` to `value`; a string value is parsed as YAML ("3" → 3)."""
     if isinstance(value, str):
