@@ -9,15 +9,14 @@ its detector once.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from . import images
+from .atomic import atomic_write_text
 from .detectors import check_detector
 from .detectors.openpose_json import keypoints_file_name
 from .keypoints import select_main_person, to_openpose_dict
@@ -78,18 +77,6 @@ def main_person_first(persons: list[np.ndarray], width: int, height: int) -> lis
     return [persons[main]] + [p for i, p in enumerate(persons) if i != main]
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def process_image(detector, images_dir: Path, relative_path: str, out: Path, overlays: bool) -> ImageResult:
     """Detect, then write the JSON file (and overlay). A bad image or a detector that cannot
     handle this one image gives a failed result and leaves no output of an earlier run behind."""
@@ -103,7 +90,8 @@ def process_image(detector, images_dir: Path, relative_path: str, out: Path, ove
     except (OSError, ValueError, RuntimeError) as error:
         return _failed(relative_path, f"detector {detector.name} failed: {error}", json_path, overlay_path)
     persons = main_person_first(persons, decoded.width, decoded.height)
-    _write_atomically(json_path, json.dumps(to_openpose_dict(persons)).encode())
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json_path, json.dumps(to_openpose_dict(persons)))
     if overlays:
         from .overlays import draw, write_png
         write_png(overlay_path, draw(decoded.rgb, persons))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import heatmaps, lock
+from .atomic import atomic_write_text
 from .images import find_images
 from .labels import ItemLabels, Labels, read_labels, unlabelled
 from .prep_worker import Processed, Settings, Task, process, render_heatmap
@@ -503,9 +504,7 @@ def write_report(path: Path, report: Report) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({k: v for k, v in asdict(report).items()}, indent=1, ensure_ascii=False)
     for target in (path, path.parent / "latest.json"):
-        temporary = target.with_name(f".{target.name}.tmp")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, target)
+        atomic_write_text(target, text)
 
 
 def exit_code(report: Report, strict: bool) -> int:

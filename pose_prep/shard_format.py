@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sqlite3
 import time
@@ -27,6 +26,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from .atomic import atomic_path
 from .keypoints import NUM_JOINTS
 
 SCHEMA_VERSION = 1
@@ -147,8 +147,7 @@ def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadat
         if np.shape(item.keypoints) != (NUM_JOINTS, 3):
             raise ValueError(f"{item.path}: keypoints must be ({NUM_JOINTS}, 3)")
     arrays = _item_arrays(items, len(metadata.vocabulary.attributes))
-    temporary = path.with_name(f".{path.name}.tmp")
-    with h5py.File(temporary, "w") as f:
+    with atomic_path(path, durable=True) as temporary, h5py.File(temporary, "w") as f:
         for name in ITEM_DATASETS:
             array = arrays[name]
             if name == "path":
@@ -168,25 +167,6 @@ def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadat
         f.attrs["image_encoding"] = json.dumps(metadata.image_encoding, sort_keys=True)
         f.attrs["splits"] = json.dumps(SPLITS)
         f.attrs["checksums"] = json.dumps({name: _checksum(arrays[name]) for name in ITEM_DATASETS}, sort_keys=True)
-    _fsync_file(temporary)
-    os.replace(temporary, path)
-    _fsync_folder(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_folder(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Shard:

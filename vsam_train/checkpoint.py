@@ -8,13 +8,13 @@ completed), "step" (optimizer steps done), "rng" (torch, CUDA, numpy, python sta
 """
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from pose_prep.atomic import atomic_path
 from pose_prep.shard_format import Vocabulary
 
 
@@ -27,17 +27,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     file or the complete new one: temporary file in the same folder, fsync, rename, fsync folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
-    folder = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    with atomic_path(path, durable=True) as temporary:
+        torch.save(state, temporary)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

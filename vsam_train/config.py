@@ -8,10 +8,11 @@ folder as config.yaml and inside every checkpoint.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import yaml
+
+from pose_prep.atomic import atomic_write_text
 
 DEFAULTS: dict = {
     "model": {
@@ -211,7 +212,4 @@ def _validate_groups(model: dict) -> None:
 
 def save_config(config: dict, path: str | Path) -> None:
     """Write atomically: other DDP ranks may be reading the previous one (resume)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.replace(temporary, path)
+    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))

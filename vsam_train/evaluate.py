@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from pose_prep.atomic import atomic_write_text
 
 from .checkpoint import inference_device, load_for_inference
 from .data import ShardStream, make_loader
@@ -92,6 +93,4 @@ def write_json(data: dict, path: str | Path) -> None:
     """Strict JSON (NaN written as null), replaced atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(without_nan(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps(without_nan(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from pose_prep.atomic import atomic_path
 
 from .checkpoint import load_for_inference
 from .data import MEAN, STD
@@ -96,8 +97,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     wrapped = ExportedOutputs(model, outputs).eval()
     probe = probe_images(info["image_size"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
-    try:
+    with atomic_path(out) as temporary:
         if fmt == "onnx":
             _write_onnx(wrapped, probe, outputs, metadata(info, outputs), temporary)
             exported = run_onnx(temporary, probe)
@@ -107,9 +107,6 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
         with torch.no_grad():
             expected = [t.numpy() for t in wrapped(probe)]
         difference = check_same_outputs(exported, expected, outputs)
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
     return ExportResult(out, outputs, difference)
 
 

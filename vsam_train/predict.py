@@ -19,7 +19,6 @@ lines with an "error" key.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from pose_prep.atomic import atomic_path
 from pose_prep.images import BadImage, find_images, load
 from pose_prep.shard_format import Vocabulary
 
@@ -141,11 +141,5 @@ def predict_to_file(checkpoint, images, out: str | Path, **options) -> PredictSu
         return predict_folder(checkpoint, images, sys.stdout, **options)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8") as f:
-            summary = predict_folder(checkpoint, images, f, **options)
-        os.replace(temporary, out)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return summary
+    with atomic_path(out) as temporary, open(temporary, "w", encoding="utf-8") as f:
+        return predict_folder(checkpoint, images, f, **options)
