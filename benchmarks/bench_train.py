@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from vsam_train.config import ConfigError, load_config, parse_assignments  # noqa: E402
 from vsam_train.data import ShardStream, make_loader  # noqa: E402
+from vsam_train.fast import synchronize  # noqa: E402
 from vsam_train.losses import VsamLoss  # noqa: E402
 from vsam_train.train import (_autocast, build_model, build_optimizer, images_on_device,  # noqa: E402
                               targets_on_device)
@@ -115,17 +116,12 @@ class Trainer:
         self.scheduler.step()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(device: torch.device, steps: int, images_per_step: int, work) -> float:
-    _sync(device)
+    synchronize(device)
     started = time.perf_counter()
     for _ in range(steps):
         work()
-    _sync(device)
+    synchronize(device)
     return steps * images_per_step / (time.perf_counter() - started)
 
 

@@ -54,7 +54,7 @@ from vsam_train.config import MODEL_VARIANTS, ConfigError, load_config, parse_as
 from vsam_train.data import ShardStream, decode_on_device, make_loader, split_group_heatmaps  # noqa: E402
 from vsam_train.evaluate import without_nan, write_json  # noqa: E402
 from vsam_train.fast import (AttentionRecorder, ResidentBatches, attention_agreement, heatmap_batch,  # noqa: E402
-                             load_resident_split)
+                             load_resident_split, synchronize)
 from vsam_train.losses import VsamLoss  # noqa: E402
 from vsam_train.metrics import compute_metrics  # noqa: E402
 from vsam_train.train import (build_model, build_optimizer, evaluate, group_joints_for,  # noqa: E402
@@ -177,11 +177,6 @@ class Report:
     def save(self) -> None:
         self.data["elapsed_seconds"] = round(time.monotonic() - STARTED, 3)
         write_json(self.data, self.path)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def release(device: torch.device) -> None:

@@ -58,7 +58,8 @@ class ResidentSplit:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (timings; a no-op on the CPU, where nothing is queued)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -103,7 +104,7 @@ def load_resident_split(folder: str | Path, split: str, image_size: int, device:
         category=torch.from_numpy(np.concatenate(category).astype(np.int64)),
         attributes=torch.from_numpy(np.concatenate(attributes).astype(np.float32)),
         paths=paths, vocabulary=vocabulary, decode_seconds=0.0, decode_device=str(decode_device))
-    _synchronize(device)
+    synchronize(device)
     resident.decode_seconds = time.perf_counter() - started
     return resident
 
