@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pose_prep.shard_format import (Shard, ShardMetadata, commit_shard, file_records, live_rows, open_index,
-                                    record_files, set_meta, shard_name, write_shard)
+from pose_prep.shard_format import (Shard, ShardMetadata, collection_metadata, commit_shard, file_records,
+                                    live_rows, open_index, record_files, set_meta, shard_name, write_shard)
 
 from ..config import load_config
 from ..data import read_collection
@@ -70,8 +70,8 @@ def copy_with_dropped_labels(source: str | Path, target: str | Path, attribute: 
     source, target = Path(source), Path(target)
     target.mkdir(parents=True)
     changed = 0
+    meta = collection_metadata(source)
     with open_index(source, readonly=True) as connection:
-        meta = dict(connection.execute("SELECT key, value FROM meta"))
         records = file_records(connection)
     with open_index(target) as connection:
         with connection:
