@@ -280,8 +280,7 @@ def summarize(result: dict, vocabulary) -> dict:
         summary[f"val_attention_corr/{group}"] = value
     if result["attribute_scores"] is not None and result["n_items"]:
         metrics = compute_metrics(result["attribute_scores"], result["attribute_labels"], vocabulary,
-                                  result["category_logits"], result["category_labels"]
-                                  if result["category_logits"] is not None else None)
+                                  result["category_logits"], result["category_labels"])
         for key in ("P@k", "R@k", "F1@k", "AP", "category_top1", "category_top5"):
             if key in metrics:
                 summary[f"val_{key}"] = metrics[key]
