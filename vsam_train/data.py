@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
-from pose_prep.heatmaps import DEFAULT_SIGMA, DEFAULT_SIZE, to_uint8
+from pose_prep.heatmaps import DEFAULT_SIGMA, DEFAULT_SIZE, from_uint8, to_uint8
 from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, live_rows
 
 from .groups import render_group_heatmaps
@@ -115,7 +115,7 @@ def heatmap_target(heatmap: np.ndarray, params: np.ndarray, grid: int) -> torch.
     """A stored (h, w) uint8 heatmap → (1, grid, grid) float in [0, 1], flipped and cropped exactly
     as its image (the crop box is in fractions of the picture, which the heatmap covers whole).
     roi_align averages several samples per output cell, so shrinking does not miss thin limbs."""
-    return _follow_augmentation(torch.from_numpy(np.asarray(heatmap, np.float32) / 255.0)[None], params, grid)
+    return _follow_augmentation(torch.from_numpy(from_uint8(heatmap))[None], params, grid)
 
 
 def group_heatmap_targets(maps: np.ndarray, params: np.ndarray, grid: int) -> torch.Tensor:
