@@ -286,7 +286,7 @@ def loader_phase(args, config: dict, train, device: torch.device, report: Report
             "cpu_workers", make_loader(stream("cpu"), workers, pin_memory=pin), args.loader_batches, device,
             lambda b: b["image"].to(device, non_blocking=True)),
         "device_decode": lambda: measure_loader(
-            "device_decode", make_loader(stream("gpu"), workers, pin_memory=False), args.loader_batches, device,
+            "device_decode", make_loader(stream("gpu"), workers, pin_memory=pin), args.loader_batches, device,
             lambda b: decode_on_device(b, size, device)),
         "resident": lambda: measure_loader(
             "resident", endless(ResidentBatches(train, image_size=size, batch_size=batch_size, train=True,
