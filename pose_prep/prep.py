@@ -37,9 +37,9 @@ from .atomic import atomic_write_text
 from .images import find_images
 from .labels import ItemLabels, Labels, read_labels, unlabelled
 from .prep_worker import Processed, Settings, Task, process, render_heatmap
-from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_shard, file_records, get_meta,
-                           next_shard_number, open_index, record_files, remove_orphans, retire_files, shard_name,
-                           write_collection_metadata, write_shard)
+from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_shard, count_live, file_records,
+                           get_meta, next_shard_number, open_index, record_files, rejected_files, remove_orphans,
+                           retire_files, shard_name, write_collection_metadata, write_shard)
 
 # Exit codes (the same values as cli.py's, which imports this module only inside its command).
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -330,10 +330,8 @@ def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Lab
         report.stored = writer.written
         write_collection_metadata(connection, metadata, extra)   # the detector version is known now
         remove_orphans(out, connection)
-        report.items_total = connection.execute(
-            "SELECT COUNT(*) FROM files WHERE shard_id IS NOT NULL").fetchone()[0]
-        report.rejected_total = connection.execute(
-            "SELECT COUNT(*) FROM files WHERE status='rejected'").fetchone()[0]
+        report.items_total = count_live(connection)
+        report.rejected_total = len(rejected_files(connection))
 
 
 def _default_detector(out: Path) -> str:
@@ -532,7 +530,7 @@ def catalog_problems(out: str | os.PathLike, images: str | os.PathLike, splits: 
     for item in live_items(out):
         live.setdefault(item["path"], []).append(item)
     with open_index(out, readonly=True) as connection:
-        rejected = {p for (p,) in connection.execute("SELECT path FROM files WHERE status='rejected'")}
+        rejected = {record["path"] for record in rejected_files(connection)}
     images = Path(images)
     for path in find_images(images):
         relative = path.relative_to(images).as_posix()

@@ -480,6 +480,17 @@ def live_items(folder: str | Path) -> Iterator[dict]:
                    "shard": shard_name(shard_id), "row": row}
 
 
+def count_live(connection: sqlite3.Connection) -> int:
+    """Items that a shard row holds (ok and no_person)."""
+    return connection.execute("SELECT COUNT(*) FROM files WHERE shard_id IS NOT NULL").fetchone()[0]
+
+
+def rejected_files(connection: sqlite3.Connection) -> list[dict]:
+    """[{path, reason}] of the files rejected and not stored, sorted by path."""
+    return [{"path": p, "reason": r} for p, r in connection.execute(
+        "SELECT path, reason FROM files WHERE status='rejected' ORDER BY path")]
+
+
 def collection_info(folder: str | Path) -> dict:
     """Totals of a collection from its index: items per split, with and without pose, the
     vocabularies, detector, heatmap and image parameters, and the rejected files with reasons."""
@@ -490,8 +501,7 @@ def collection_info(folder: str | Path) -> dict:
             "SELECT split, COUNT(*) FROM files WHERE shard_id IS NOT NULL GROUP BY split"))
         statuses = dict(connection.execute(
             "SELECT status, COUNT(*) FROM files WHERE shard_id IS NOT NULL GROUP BY status"))
-        rejected = [{"path": p, "reason": r} for p, r in connection.execute(
-            "SELECT path, reason FROM files WHERE status='rejected' ORDER BY path")]
+        rejected = rejected_files(connection)
         shard_ids = [n for (n,) in connection.execute("SELECT id FROM shards ORDER BY id")]
     vocabulary = Vocabulary.from_json(meta["vocabulary"]) if "vocabulary" in meta else Vocabulary()
     return {
