@@ -24,17 +24,17 @@ demo: setup
 	$(BIN)/python -m pose_prep.sample_images $(DEMO)/images
 	$(BIN)/vsam pose --images $(DEMO)/images --out $(DEMO)/pose --overlays
 	@echo "demo: open $(DEMO)/pose/ for keypoints (OpenPose JSON) and overlays (PNG)"
-	$(BIN)/vsam prep-pose --images $(DEMO)/images --out $(DEMO)/shards
+# prep-pose: the same photos with hand-written labels (configs/demo-labels.csv) into HDF5 shards.
+	$(BIN)/vsam prep-pose --images $(DEMO)/images --labels configs/demo-labels.csv --out $(DEMO)/shards
 	$(BIN)/vsam shards verify $(DEMO)/shards
 	@echo "demo: $(DEMO)/shards/ holds the HDF5 shards (vsam shards info $(DEMO)/shards)"
-# train: the same photos with hand-written labels (configs/demo-labels.csv), a tiny VSAM on the CPU;
-# --resume makes a second `make demo` continue (or skip) the run instead of refusing the folder.
-	$(BIN)/vsam prep-pose --images $(DEMO)/images --labels configs/demo-labels.csv --out $(DEMO)/labelled-shards
-	$(BIN)/vsam train --shards $(DEMO)/labelled-shards --out $(DEMO)/run --config configs/tiny.yaml \
+# train: a tiny VSAM on the CPU; --resume makes a second `make demo` continue (or skip) the run
+# instead of refusing the folder.
+	$(BIN)/vsam train --shards $(DEMO)/shards --out $(DEMO)/run --config configs/tiny.yaml \
 		--batch-size 2 --epochs 3 --device cpu --resume
 	@echo "demo: $(DEMO)/run/ holds a tiny VSAM: metrics.jsonl, checkpoints/last.pt, tensorboard/"
 # predict and explain: the tiny VSAM on the same photos (no pose detector), beside a tiny VGG16 baseline.
-	$(BIN)/vsam train --shards $(DEMO)/labelled-shards --out $(DEMO)/baseline --config configs/tiny.yaml \
+	$(BIN)/vsam train --shards $(DEMO)/shards --out $(DEMO)/baseline --config configs/tiny.yaml \
 		--model vgg16 --batch-size 2 --epochs 3 --device cpu --resume
 	$(BIN)/vsam predict --checkpoint $(DEMO)/run/checkpoints/last.pt --images $(DEMO)/images \
 		--out $(DEMO)/predictions.jsonl --device cpu
