@@ -11,6 +11,7 @@ from PIL import Image
 
 from pose_prep import shard_format as sf
 from pose_prep.keypoints import NUM_JOINTS
+from shard_faults import flip_byte
 
 
 def _jpeg(colour: int) -> bytes:
@@ -143,11 +144,7 @@ def test_orphans_and_dead_shards_are_removed(tmp_path):
 def test_verify_names_a_flipped_byte_and_an_index_mismatch(tmp_path):
     _collection(tmp_path)
     path = tmp_path / "shard-000001.h5"
-    with h5py.File(path) as f:
-        offset = f["image_bytes"].id.get_offset() + 100
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0xFF
-    path.write_bytes(bytes(data))
+    flip_byte(path, "image_bytes", 100)
     assert sf.verify_collection(tmp_path) == [f"{path}: dataset image_bytes does not match its checksum"]
 
     _collection(tmp_path / "b")

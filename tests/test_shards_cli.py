@@ -5,11 +5,11 @@ import json
 import shutil
 from pathlib import Path
 
-import h5py
 import pytest
 from click.testing import CliRunner
 
 from cli import EXIT_FAILED, main
+from shard_faults import flip_byte
 
 # Train, val, test and two images that no split file lists.
 NUMBERS = ["00007", "00008", "00009", "05002", "05003", "05004", "06001", "06002", "05700", "05701"]
@@ -74,11 +74,7 @@ def test_verify_passes_then_names_a_flipped_byte(collection, tmp_path):
     broken = tmp_path / "shards"
     shutil.copytree(collection, broken)
     path = broken / "shard-000002.h5"
-    with h5py.File(path) as f:
-        offset = f["keypoints"].id.get_offset() + 5
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
+    flip_byte(path, "keypoints", 5, mask=0x01)
     result = invoke("shards", "verify", str(broken))
     assert result.exit_code == EXIT_FAILED
     assert f"broken: {path}: dataset keypoints does not match its checksum" in result.output
