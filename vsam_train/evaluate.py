@@ -73,7 +73,7 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
         "shards": str(shards), "split": split, "image_size": info["image_size"],
         "loss": result["loss"], "attribute_loss": result["attribute_loss"],
         "category_loss": result["category_loss"], "heatmap_loss": result["heatmap_loss"],
-        "attention_mse": result["attention_mse"],
+        "attention_mse": result["attention_mse"], "attention_correlation": result["attention_correlation"],
     })
     return metrics
 

@@ -1,0 +1,275 @@
+"""Models and ablations compared over seeds on one shard collection: the one comparison core.
+
+Every run is the product path, `vsam_train.train.main` then `vsam_train.evaluate.evaluate_checkpoint`
+on the val split, in a child process of its own (`python -m vsam_train.experiments.compare --run
+SPEC`): `parallel` runs at a time use the cores side by side, and a run that dies takes nothing
+else with it. Runs of one seed share the data order, augmentation and initial seed: the seed is
+`train.seed`, and the stream and the model draw from it alone.
+
+The output folder holds one run folder per variant and seed, `runs/<variant>/seed-<s>/` (a `vsam
+train` run folder, its `eval.json` and `run.log`), and `compare.json`, rewritten after every run
+that finishes. A killed comparison continues where it stopped: a run with its eval.json is kept, an
+interrupted one resumes from its last checkpoint (`--resume`), which refuses a config that differs
+from the one the run started with.
+
+The summary gives, per variant, the mean ± std over seeds of each figure (`FIGURES`, and each
+attribute group's top-1), and the paired differences between variants: for `A - B`, the mean ± std
+over seeds of A(seed) - B(seed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..config import MODEL_VARIANTS, ConfigError, parse_assignments
+
+EVAL_FILE = "eval.json"
+JSON_NAME = "compare.json"
+SCHEMA = "vsam-compare/1"
+# (name in the summary, path into eval.json)
+FIGURES = (("group_top1", ("group_top1", "mean")), ("AP", ("AP",)), ("P@k", ("P@k",)), ("R@k", ("R@k",)),
+           ("top3_recall", ("top3_recall", "all")), ("category_top1", ("category_top1",)),
+           ("attention_correlation", ("attention_correlation",)))
+
+
+class CompareError(ValueError):
+    """A comparison that cannot be set up as asked (unknown model, bad variant); says why."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model of MODEL_VARIANTS under a name, with config overrides on top of the base config."""
+    name: str
+    model: str
+    overrides: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> "Variant":
+        """`vsam`, or `NAME=MODEL[,KEY=VALUE...]`, e.g. `vsam-l1=vsam,loss.heatmap_loss.weight=1`."""
+        name, _, spec = text.partition("=")
+        parts = [p.strip() for p in spec.split(",")] if spec else [name]
+        model, assignments = parts[0], parts[1:]
+        if model not in MODEL_VARIANTS:
+            raise CompareError(f"variant {text!r}: unknown model {model!r}; known: {', '.join(MODEL_VARIANTS)}")
+        try:
+            overrides = parse_assignments(assignments)
+        except ConfigError as error:
+            raise CompareError(f"variant {text!r}: {error}") from None
+        return cls(name.strip(), model, overrides)
+
+    def settings(self, seed: int) -> dict:
+        return {**MODEL_VARIANTS[self.model], **self.overrides, "train.seed": seed}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one child process does: train (or resume) `run_dir`, then evaluate it on `split`."""
+    shards: str
+    config_file: str | None
+    settings: dict
+    run_dir: str
+    split: str = "val"
+    device: str = "cpu"
+
+
+def run_dir(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / variant / f"seed-{seed}"
+
+
+def run_one(spec: RunSpec) -> dict:
+    """Train (resuming whatever the folder holds) and evaluate; writes and returns eval.json."""
+    from ..evaluate import evaluate_checkpoint, write_json
+    from ..train import main as train_main, resolve_run_config
+
+    folder = Path(spec.run_dir)
+    config = resolve_run_config(folder, spec.config_file, spec.settings, resume=True)
+    started = time.perf_counter()
+    summary = train_main(config, spec.shards, folder, resume=True, device=spec.device)
+    train_seconds = time.perf_counter() - started
+    metrics = evaluate_checkpoint(summary["checkpoint"], spec.shards, spec.split, device=spec.device)
+    metrics["train_seconds_this_process"] = round(train_seconds, 1)
+    write_json(metrics, folder / EVAL_FILE)
+    return metrics
+
+
+def _child_command(spec: RunSpec) -> list[str]:
+    return [sys.executable, "-m", "vsam_train.experiments.compare", "--run", json.dumps(asdict(spec))]
+
+
+def _launch(spec: RunSpec, label: str, log) -> tuple[str, int, float]:
+    """One run in a child process, its output in run.log; (label, exit code, seconds)."""
+    folder = Path(spec.run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log(f"start {label}")
+    with open(folder / "run.log", "ab") as output:
+        code = subprocess.run(_child_command(spec), stdout=output, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL).returncode
+    seconds = time.perf_counter() - started
+    log(f"{'done ' if code == 0 else f'FAILED (exit {code}, see {folder}/run.log) '}{label} in {seconds / 60:.1f} min")
+    return label, code, seconds
+
+
+def compare(shards: str | Path, out: str | Path, variants: list[Variant], seeds: list[int], *,
+            config_file: str | Path | None = None, settings: dict | None = None, parallel: int = 2,
+            device: str = "cpu", log=print, command: list[str] | None = None) -> dict:
+    """Train and evaluate every variant for every seed (runs already evaluated are kept), then
+    summarise; returns the data written to OUT/compare.json."""
+    out = Path(out)
+    log = _serialized(log)
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise CompareError(f"variant names must differ: {names}")
+    config_file = str(config_file) if config_file else None
+    jobs = []
+    for seed in seeds:                 # seed-major: the models of one seed finish together
+        for variant in variants:
+            folder = run_dir(out, variant.name, seed)
+            if not (folder / EVAL_FILE).exists():
+                spec = RunSpec(str(shards), config_file, {**(settings or {}), **variant.settings(seed)}, str(folder),
+                               device=device)
+                jobs.append((spec, f"{variant.name} seed {seed}"))
+    total = len(variants) * len(seeds)
+    log(f"{total - len(jobs)} of {total} runs already evaluated; {len(jobs)} to do, {parallel} at a time")
+    data = {"schema": SCHEMA, "command": command, "shards": str(shards), "config_file": config_file,
+            "settings": settings or {}, "seeds": seeds, "parallel": parallel,
+            "variants": {v.name: {"model": v.model, "overrides": v.overrides} for v in variants}}
+    failed = []
+
+    def finished(result) -> None:
+        label, code, _ = result
+        if code:
+            failed.append(label)
+        _save(out, data, variants, seeds)
+
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for future in [pool.submit(_launch, spec, label, log) for spec, label in jobs]:
+            finished(future.result())
+    data = _save(out, data, variants, seeds)
+    data["failed"] = failed
+    return data
+
+
+def _serialized(log):
+    """`log` for several threads: one whole line at a time."""
+    lock = threading.Lock()
+
+    def locked(message: str) -> None:
+        with lock:
+            log(message)
+    return locked
+
+
+def _save(out: Path, data: dict, variants: list[Variant], seeds: list[int]) -> dict:
+    from ..evaluate import write_json
+
+    runs = {v.name: {seed: _read_eval(run_dir(out, v.name, seed)) for seed in seeds} for v in variants}
+    data = {**data, **summarize(runs)}
+    data["wall_minutes"] = {v.name: {str(s): _train_minutes(run_dir(out, v.name, s)) for s in seeds} for v in variants}
+    write_json(data, out / JSON_NAME)
+    return data
+
+
+def _read_eval(folder: Path) -> dict | None:
+    path = folder / EVAL_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _train_minutes(folder: Path) -> float | None:
+    """Wall minutes of the training epochs, from metrics.jsonl's throughput (resumes included)."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    seconds = sum(r["train_images"] / r["train_images_per_second"] for r in records
+                  if r.get("train_images_per_second"))
+    return round(seconds / 60, 1)
+
+
+# --- summary -----------------------------------------------------------------------------------
+
+def figures(metrics: dict) -> dict[str, float]:
+    """The compared figures of one eval.json: FIGURES plus `group_top1/<group>` for each group."""
+    values = {}
+    for name, path in FIGURES:
+        value = metrics
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+            values[name] = float(value)
+    for group, value in (metrics.get("group_top1") or {}).items():
+        if group != "mean" and value is not None:
+            values[f"group_top1/{group}"] = float(value)
+    return values
+
+
+def mean_std(values: list[float]) -> dict:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
+    array = np.asarray(values, np.float64)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+            "n": int(len(array))}
+
+
+def summarize(runs: dict[str, dict[int, dict | None]]) -> dict:
+    """{"per_run": {variant: {seed: figures}}, "models": {variant: {figure: mean_std}},
+    "differences": {"A - B": {figure: mean_std of paired differences}}} over the evaluated runs."""
+    per_run = {name: {seed: figures(m) for seed, m in by_seed.items() if m is not None} for name, by_seed in runs.items()}
+    models = {}
+    for name, by_seed in per_run.items():
+        keys = sorted({k for values in by_seed.values() for k in values})
+        models[name] = {k: mean_std([v[k] for v in by_seed.values() if k in v]) for k in keys}
+    differences = {}
+    for first in per_run:
+        for second in per_run:
+            shared = sorted(set(per_run[first]) & set(per_run[second]))
+            if first == second or not shared:
+                continue
+            keys = set.intersection(*(set(per_run[name][seed]) for name in (first, second) for seed in shared))
+            differences[f"{first} - {second}"] = {
+                k: mean_std([per_run[first][s][k] - per_run[second][s][k] for s in shared]) for k in sorted(keys)}
+    return {"per_run": {n: {str(s): v for s, v in r.items()} for n, r in per_run.items()}, "models": models,
+            "differences": differences}
+
+
+def format_summary(data: dict, reference: str | None = None) -> str:
+    """A markdown table of mean ± std per variant, and one of the differences to `reference`."""
+    models = data["models"]
+    columns = [name for name, _ in FIGURES if any(name in m for m in models.values())]
+    groups = sorted({k for m in models.values() for k in m if k.startswith("group_top1/")})
+    columns += groups
+    lines = ["| variant | n | " + " | ".join(c.replace("group_top1/", "top-1 ") for c in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for name, values in models.items():
+        n = max((v["n"] for v in values.values()), default=0)
+        lines.append(f"| {name} | {n} | " + " | ".join(_cell(values.get(c)) for c in columns) + " |")
+    if reference:
+        lines += ["", f"| difference (paired by seed) | n | " + " | ".join(
+            c.replace("group_top1/", "top-1 ") for c in columns) + " |", "|---|---|" + "---|" * len(columns)]
+        for label, values in data["differences"].items():
+            if label.endswith(f" - {reference}"):
+                n = max((v["n"] for v in values.values()), default=0)
+                lines.append(f"| {label} | {n} | " + " | ".join(_cell(values.get(c), signed=True) for c in columns)
+                             + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: dict | None, signed: bool = False) -> str:
+    if not value:
+        return "–"
+    return f"{value['mean']:{'+' if signed else ''}.3f} ± {value['std']:.3f}"
+
+
+if __name__ == "__main__":    # a child of `compare`: one run
+    if len(sys.argv) != 3 or sys.argv[1] != "--run":
+        sys.exit("usage: python -m vsam_train.experiments.compare --run SPEC_JSON")
+    run_one(RunSpec(**json.loads(sys.argv[2])))
