@@ -182,3 +182,30 @@ def test_a_folder_without_an_index_is_named(tmp_path):
 
     with pytest.raises(ShardFormatError, match=str(tmp_path)):
         _stream(Path(tmp_path))
+
+
+def test_a_target_rendered_with_the_stored_joints_and_sigma_is_the_stored_heatmap(df_shards):
+    """data.heatmap_joints / heatmap_sigma render the target from the stored keypoints; with the
+    collection's own subset (items without a category: "full") and σ it is prep-pose's heatmap."""
+    stored = _stream(df_shards, "val", batch_size=24)
+    rendered = _stream(df_shards, "val", batch_size=24, heatmap_joints="full", heatmap_sigma=stored.heatmap_sigma)
+    assert stored.target is None and rendered.target is not None
+    a, b = next(iter(stored)), next(iter(rendered))
+    assert a["path"] == b["path"] and a["has_pose"].any()
+    torch.testing.assert_close(a["heatmap"], b["heatmap"], atol=1 / 255, rtol=0)
+
+
+def test_the_body_target_leaves_the_face_dark_and_a_wider_sigma_lights_more(df_shards):
+    from pose_prep.heatmaps import JOINT_GROUPS
+
+    def target(**kwargs):
+        stream = _stream(df_shards, "val", batch_size=24, **kwargs)
+        reader_batch = next(iter(stream))
+        return reader_batch["heatmap"], reader_batch["has_pose"]
+
+    full, posed = target(heatmap_joints="full")
+    body, _ = target(heatmap_joints="body")
+    wide, _ = target(heatmap_joints="full", heatmap_sigma=3.0)
+    assert set(JOINT_GROUPS["body"]).isdisjoint({0, 14, 15, 16, 17})
+    assert (body <= full + 1e-6).all() and (body < full - 0.1).any()     # the face was lit, now it is not
+    assert (wide[posed] > 0.05).sum() > (full[posed] > 0.05).sum()

@@ -72,6 +72,13 @@ DEFAULTS: dict = {
         "decode": "cpu",           # cpu | gpu (nvjpeg, needs CUDA)
         "eval_batch_size": None,   # default: train.batch_size
         "max_val_batches": None,
+        # The attention target. null: the heatmap prep-pose stored. Set either to render it in the
+        # loader from the stored keypoints instead (README "Heatmap target"): heatmap_joints is the
+        # joint subset (a pose_prep.heatmaps.JOINT_GROUPS name or a list of COCO-18 joints) for
+        # items whose category type has no subset of its own; heatmap_sigma the Gaussian's σ in
+        # heatmap pixels.
+        "heatmap_joints": None,
+        "heatmap_sigma": None,
         "augment": {"p": 0.33, "flip": 0.5, "crop_scale": [0.6, 1.0], "crop_ratio": [0.75, 1.3333],
                     "jitter": 0.2},
     },

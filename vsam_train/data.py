@@ -12,6 +12,9 @@
   `decode_on_device`, which decodes a batch with nvjpeg;
 * with probability `augment["p"]` (the paper's 0.33) an item is augmented: a horizontal flip and a
   random resized crop applied identically to image and heatmap, colour jitter on the image only;
+* with `heatmap_joints` or `heatmap_sigma` (config data.heatmap_joints / heatmap_sigma), the attention
+  target is rendered from the item's stored keypoints instead of read: an item whose category type
+  has a joint subset in the collection keeps that subset, the others get `heatmap_joints`;
 * for the attribute-group attention model (`group_joints`), one heatmap per group is rendered from
   the item's stored keypoints (at the collection's heatmap size and sigma) and then flipped and
   cropped exactly as the stored heatmap: the map is flipped, never the keypoints.
@@ -37,10 +40,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
-from pose_prep.heatmaps import DEFAULT_SIGMA, DEFAULT_SIZE, from_uint8, to_uint8
+from pose_prep.heatmaps import DEFAULT_GROUP, DEFAULT_SIGMA, DEFAULT_SIZE, from_uint8, render, to_uint8
 from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, live_rows
 
-from .groups import render_group_heatmaps
+from .groups import render_group_heatmaps, resolve_joints
 
 MEAN = (0.485, 0.456, 0.406)   # ImageNet statistics, as torchvision's pretrained weights expect
 STD = (0.229, 0.224, 0.225)
@@ -252,7 +255,8 @@ class ShardStream(IterableDataset):
     def __init__(self, folder: str | Path, split: str | None, *, image_size: int, batch_size: int, train: bool,
                  augment: dict | None = None, seed: int = 0, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = 256, decode: str = "cpu", max_batches: int | None = None,
-                 group_joints: list[tuple[int, ...] | None] | None = None):
+                 group_joints: list[tuple[int, ...] | None] | None = None,
+                 heatmap_joints: str | list | None = None, heatmap_sigma: float | None = None):
         if decode not in ("cpu", "gpu"):
             raise ValueError(f"decode must be 'cpu' or 'gpu', not {decode!r}")
         self.folder = Path(folder)
@@ -271,6 +275,7 @@ class ShardStream(IterableDataset):
         self.max_batches = max_batches
         self.group_joints = list(group_joints) if group_joints is not None else None
         self.heatmap_size, self.heatmap_sigma = heatmap_geometry(self.info)
+        self.target = _TargetRendering.of(self.info, heatmap_joints, heatmap_sigma)
         self.epoch = 0
         if train and self.n_items < batch_size * world_size:
             raise ValueError(f"{folder}: split {split!r} has {self.n_items} items, fewer than one batch of "
@@ -313,7 +318,7 @@ class ShardStream(IterableDataset):
         items = items[first * self.batch_size:last * self.batch_size]
         order_rng, augment_rng = (np.random.default_rng(s) for s in
                                   np.random.SeedSequence([self.seed, self.epoch, self.rank, worker_id]).spawn(2))
-        reader = _Reader(with_keypoints=self.group_joints is not None)
+        reader = _Reader(with_keypoints=self.group_joints is not None or self.target is not None)
         try:
             batch = []
             for record in _shuffled(map(reader.record, items), self.shuffle_buffer, order_rng):
@@ -330,7 +335,8 @@ class ShardStream(IterableDataset):
         params = np.stack([draw_augmentation(rng, self.augment) for _ in records])
         batch = {
             "augmentation": torch.from_numpy(params),
-            "heatmap": torch.stack([heatmap_target(r["heatmap"], p, self.grid) for r, p in zip(records, params)]),
+            "heatmap": torch.stack([heatmap_target(self.target(r) if self.target else r["heatmap"], p, self.grid)
+                                    for r, p in zip(records, params)]),
             "has_pose": torch.tensor([r["has_pose"] for r in records], dtype=torch.bool),
             "category": torch.tensor([r["category"] for r in records], dtype=torch.int64),
             "attributes": torch.from_numpy(np.stack([r["attributes"] for r in records]).astype(np.float32)),
@@ -354,6 +360,35 @@ class ShardStream(IterableDataset):
         lit = torch.from_numpy(np.stack([m.reshape(len(m), -1).max(axis=1) > 0 for m in maps]))
         batch["group_has_pose"] = lit & batch["has_pose"][:, None]
         batch["group_heatmap"] = torch.stack([group_heatmap_targets(m, p, self.grid) for m, p in zip(maps, params)])
+
+
+@dataclass(frozen=True)
+class _TargetRendering:
+    """The attention target rendered from stored keypoints: the joints per category type recorded
+    by prep-pose, `default` joints for every other item, σ in heatmap pixels, at the stored size."""
+    by_category: tuple[tuple[int, ...] | None, ...]    # per category index; None: `default`
+    default: tuple[int, ...]
+    size: tuple[int, int]
+    sigma: float
+
+    @classmethod
+    def of(cls, info: CollectionInfo, joints, sigma: float | None) -> "_TargetRendering | None":
+        if joints is None and sigma is None:
+            return None
+        subsets = info.heatmap.get("joint_groups", {})
+        type_group = info.heatmap.get("category_type_group", {})
+        default = resolve_joints(joints, "data.heatmap_joints") if joints is not None else \
+            tuple(subsets.get(info.heatmap.get("default_group", DEFAULT_GROUP), range(18)))
+        by_category = tuple(tuple(subsets[type_group[str(t)]]) if str(t) in type_group else None
+                            for t in info.vocabulary.category_types)
+        size, stored_sigma = heatmap_geometry(info)
+        return cls(by_category, default or (), size, float(sigma) if sigma is not None else stored_sigma)
+
+    def __call__(self, record: dict) -> np.ndarray:
+        category = record["category"]
+        joints = self.by_category[category] if 0 <= category < len(self.by_category) else None
+        return to_uint8(render(record["keypoints"], (record["width"], record["height"]), self.size, self.sigma,
+                               joints=joints or self.default))
 
 
 def _decode_item(data: torch.Tensor, path: str) -> torch.Tensor:

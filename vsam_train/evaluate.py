@@ -35,7 +35,9 @@ def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val"
     config = info["config"]
     decode = "gpu" if device.type == "cuda" and config["data"]["decode"] == "gpu" else "cpu"
     stream = ShardStream(shards, split, image_size=info["image_size"], train=False, decode=decode,
-                         batch_size=batch_size or config["data"]["eval_batch_size"] or config["train"]["batch_size"])
+                         batch_size=batch_size or config["data"]["eval_batch_size"] or config["train"]["batch_size"],
+                         heatmap_joints=config["data"].get("heatmap_joints"),
+                         heatmap_sigma=config["data"].get("heatmap_sigma"))
     check_vocabulary(info["vocabulary"], stream.vocabulary, checkpoint, shards)
     if stream.n_items == 0:
         raise EvalError(f"{shards}: split {split!r} holds no items")

@@ -438,14 +438,16 @@ def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) 
     train_stream = ShardStream(shards, d["train_split"], image_size=config["model"]["image_size"],
                                batch_size=t["batch_size"], train=True, augment=d["augment"], seed=t["seed"],
                                rank=rank, world_size=world_size, shuffle_buffer=d["shuffle_buffer"],
-                               decode=d["decode"], max_batches=t["max_steps_per_epoch"], group_joints=group_joints)
+                               decode=d["decode"], max_batches=t["max_steps_per_epoch"], group_joints=group_joints,
+                               heatmap_joints=d["heatmap_joints"], heatmap_sigma=d["heatmap_sigma"])
     vocabulary = train_stream.vocabulary
     val_loader = None
     if rank == 0 and d["val_split"]:
         val_stream = ShardStream(shards, d["val_split"], image_size=config["model"]["image_size"],
                                  batch_size=d["eval_batch_size"] or t["batch_size"], train=False,
                                  decode=d["decode"], max_batches=d["max_val_batches"],
-                                 group_joints=group_joints)
+                                 group_joints=group_joints, heatmap_joints=d["heatmap_joints"],
+                                 heatmap_sigma=d["heatmap_sigma"])
         if val_stream.n_items:
             val_loader = make_loader(val_stream, d["num_workers"], pin_memory=device.type == "cuda")
 
