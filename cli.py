@@ -307,11 +307,14 @@ def _inference_errors():
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every metric to this file.")
 @click.option("--batch-size", type=click.IntRange(1), help="Default: the checkpoint's eval/train batch size.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader worker processes.")
-@click.option("--per-attribute", is_flag=True, help="Also print a table row per attribute.")
+@click.option("--per-attribute", is_flag=True, help="Also print a table row per attribute (and per category).")
 @_DEVICE
 def eval_command(checkpoint, shards, split, json_out, batch_size, workers, per_attribute, device) -> None:
     """Score a checkpoint on one split: P@k, R@k, F1@k (macro and weighted), AP, DeepFashion top-3/5
-    recall per attribute group, group top-1 and category top-1/5 accuracy, as a table.
+    recall per attribute group (Liu & Lu's protocol, unknown labels as negatives, and the variant
+    that leaves unknown labels out of the ranking), group top-1, category top-1/5 accuracy and
+    category precision, recall, F1 (macro and weighted), as tables that name their protocol. The
+    JSON file's "protocols" says what each key is.
 
     Exit codes: 0 done, 1 the checkpoint or shards cannot be used (unreadable, other vocabulary,
     empty split), 2 bad options."""

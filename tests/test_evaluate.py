@@ -29,8 +29,10 @@ def test_eval_prints_the_table_and_writes_every_metric_as_strict_json(tiny_check
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("vsam epoch 2 on") and "items: 24   attributes: 26" in lines
-    for row in ("P@k", "R@k", "F1@k", "top-3 recall", "top-5 recall", "top-1 accuracy", "floral", "conventional"):
+    for row in ("P@k", "R@k", "F1@k", "top-3 recall (Liu & Lu)", "top-5 recall (Liu & Lu)",
+                "top-3 recall, known only", "top-1 accuracy", "floral", "conventional"):
         assert any(line.startswith(row) for line in lines), row
+    assert "unknown = negative" in result.output
     assert all(group in result.output for group in GROUPS)
 
     metrics = _strict_json(out.read_text())
@@ -38,7 +40,10 @@ def test_eval_prints_the_table_and_writes_every_metric_as_strict_json(tiny_check
     for key in ("P@k", "R@k", "F1@k", "P@k_weighted", "AP", "loss", "attention_mse"):
         assert isinstance(metrics[key], float) and 0 <= metrics[key], key
     for k in (3, 5):
-        assert list(metrics[f"top{k}_recall"]) == GROUPS + ["all"]
+        assert list(metrics[f"top{k}_recall"]) == list(metrics[f"top{k}_recall_known_only"]) == GROUPS + ["all"]
+        assert "Liu & Lu" in metrics["protocols"][f"top{k}_recall"]
+    # every figure of the file names its protocol (what evaluate adds: run facts and losses)
+    assert {"P@k", "AP", "top3_recall", "group_top1", "per_attribute"} <= set(metrics["protocols"])
     assert metrics["top3_recall"]["all"] <= metrics["top5_recall"]["all"]
     assert list(metrics["group_top1"]) == GROUPS + ["mean"]
     # Attributes without a positive among the 24 items have no AP: null in the file, not NaN.

@@ -10,9 +10,9 @@ import pytest
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
 from pose_prep.shard_format import Vocabulary
-from vsam_train.metrics import (attribute_ranks, average_precision, category_accuracy, compute_metrics,
-                                format_table, group_top1_accuracy, precision_recall_f1_at_k, top_k_predictions,
-                                top_k_recall)
+from vsam_train.metrics import (PROTOCOLS, attribute_ranks, average_precision, category_accuracy,
+                                category_precision_recall_f1, compute_metrics, format_table, group_top1_accuracy,
+                                precision_recall_f1_at_k, top_k_predictions, top_k_recall, top_k_recall_known_only)
 
 SEEDS = (0, 1, 2, 3, 4)
 
@@ -181,16 +181,53 @@ def test_average_precision_without_any_positive_is_nan():
 
 # --- DeepFashion top-k recall and group top-1 -------------------------------------------------
 
+def liu_lu_top_k_recall(scores, labels, k, groups):
+    """Liu & Lu's DeepFashion evaluator, written out from its description: every label that is not
+    1 counts as 0 (their data preparation turns the benchmark's -1 into 0 and keeps 0 as 0); per
+    image, all attributes are sorted by descending score once; a group's top k are the first k
+    attributes of that group in this order; hits and true labels are summed over all images, per
+    group and over every attribute ("all"), and divided. Ties: (-score, index)."""
+    named = dict(groups or {})
+    named["all"] = list(range(labels.shape[1]))
+    hits = dict.fromkeys(named, 0)
+    positives = dict.fromkeys(named, 0)
+    for i in range(labels.shape[0]):
+        target = [1 if labels[i, j] == 1 else 0 for j in range(labels.shape[1])]
+        order = sorted(range(labels.shape[1]), key=lambda j: (-scores[i, j], j))
+        for name, members in named.items():
+            head = [j for j in order if j in members][:k]
+            hits[name] += sum(target[j] for j in head)
+            positives[name] += sum(target[j] for j in members)
+    return {name: hits[name] / positives[name] if positives[name] else math.nan for name in named}
+
+
 def test_top_k_recall_hand_computed_pooled_not_averaged():
     scores = np.array([[0.9, 0.8, 0.7, 0.6],      # top-3 a0 a1 a2: 0 of 1
                        [0.1, 0.2, 0.3, 0.4],      # top-3 a3 a2 a1: 1 of 2
                        [0.5, 0.5, 0.5, 0.5],      # tie -> a0 a1 a2: 0 of 1
-                       [0.4, 0.3, 0.2, 0.95]])    # a3 unknown, masked -> a0 a1 a2: 3 of 3
+                       [0.4, 0.3, 0.2, 0.95]])    # a3 unknown, see below
     labels = np.array([[0, 0, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1], [1, 1, 1, -1]])
+    # Liu & Lu: the unknown a3 is a negative that still takes a slot -> a3 a0 a1: 2 of 3
     result = top_k_recall(scores, labels, 3, {"g": [0, 1, 2, 3]})
-    assert result["g"] == pytest.approx(4 / 7)          # averaged per attribute it would be 0.625
-    assert result["all"] == pytest.approx(4 / 7)
+    assert result["g"] == pytest.approx(3 / 7)          # averaged per attribute it would be 0.5
+    assert result["all"] == pytest.approx(3 / 7)
+    # known only: a3 is left out of item 3's ranking -> a0 a1 a2: 3 of 3
+    known_only = top_k_recall_known_only(scores, labels, 3, {"g": [0, 1, 2, 3]})
+    assert known_only["g"] == known_only["all"] == pytest.approx(4 / 7)
     assert top_k_recall(scores, labels, 5, {"g": [0, 1, 2, 3]})["g"] == 1.0   # k >= group size
+
+
+def test_the_two_top_k_recalls_differ_only_by_unknown_labels_that_outscore_a_true_one():
+    scores = np.array([[0.9, 0.8, 0.1],       # a0 unknown outranks the true a1
+                       [0.2, 0.9, 0.3]])      # no unknown: both protocols agree (a1, a miss)
+    labels = np.array([[-1, 1, 0], [0, 0, 1]])
+    # top-1, Liu & Lu: item 0 -> a0 (not a positive), item 1 -> a1: 0 of 2
+    assert top_k_recall(scores, labels, 1) == {"all": 0.0}
+    # known only: item 0 -> a1 (hit), item 1 -> a1: 1 of 2
+    assert top_k_recall_known_only(scores, labels, 1) == {"all": 0.5}
+    # Liu & Lu read the unknown as a negative: making it one changes nothing there, and known only agrees
+    labels[0, 0] = 0
+    assert top_k_recall(scores, labels, 1) == top_k_recall_known_only(scores, labels, 1) == {"all": 0.0}
 
 
 def test_top_k_recall_group_without_positive_is_nan_and_no_groups_gives_only_all():
@@ -206,11 +243,22 @@ def test_top_k_recall_group_without_positive_is_nan_and_no_groups_gives_only_all
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_top_k_recall_matches_loop(seed):
+def test_top_k_recall_matches_a_reference_of_liu_and_lu(seed):
+    scores, labels = random_case(seed, unknown=0.25, ties=True)
+    groups = {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7], "c": [8, 9, 10, 11]}
+    for k in (1, 3, 5):
+        expected = liu_lu_top_k_recall(scores, labels, k, groups)
+        assert top_k_recall(scores, labels, k, groups) == pytest.approx(expected, nan_ok=True), k
+    # with a quarter of the labels unknown the published protocol gives other numbers
+    assert top_k_recall(scores, labels, 3, groups) != top_k_recall_known_only(scores, labels, 3, groups)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_top_k_recall_known_only_matches_loop(seed):
     scores, labels = random_case(seed, unknown=0.15, ties=True)
     groups = {"a": [0, 1, 2, 3, 4], "b": [5, 6, 7], "c": [8, 9, 10, 11]}
     for k in (1, 3, 5):
-        result = top_k_recall(scores, labels, k, groups)
+        result = top_k_recall_known_only(scores, labels, k, groups)
         for name, idx in list(groups.items()) + [("all", list(range(labels.shape[1])))]:
             hits = loop_top_k(scores[:, idx], labels[:, idx], k) & (labels[:, idx] == 1)
             positives = (labels[:, idx] == 1).sum()
@@ -235,7 +283,7 @@ def test_group_top1_matches_loop_and_top1_recall(seed):
             total += 1
         assert result[name] == pytest.approx(correct / total)
     assert result["mean"] == pytest.approx(np.mean([result[name] for name in groups]))
-    recall_at_1 = top_k_recall(scores, labels, 1, groups)
+    recall_at_1 = top_k_recall_known_only(scores, labels, 1, groups)   # both rank known attributes only
     for name in groups:
         assert result[name] == pytest.approx(recall_at_1[name])
 
@@ -275,6 +323,70 @@ def test_category_accuracy_matches_loop(seed):
     assert result["n_category_items"] == int((labels >= 0).sum())
 
 
+def sklearn_category_scores(logits, labels, zero_division):
+    """scikit-learn on the labelled items, the prediction an independent argmax (ties: lower index)."""
+    known = [i for i, y in enumerate(labels) if y >= 0]
+    y_true = [int(labels[i]) for i in known]
+    y_pred = [min(range(logits.shape[1]), key=lambda c: (-logits[i, c], c)) for i in known]
+    averages = {average: precision_recall_fscore_support(y_true, y_pred, average=average,
+                                                         zero_division=zero_division)[:3]
+                for average in ("macro", "weighted")}
+    present = sorted(set(y_true) | set(y_pred))
+    per_class = precision_recall_fscore_support(y_true, y_pred, labels=present, average=None,
+                                                zero_division=zero_division)
+    return averages, present, per_class
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("zero_division", [0.0, 1.0, math.nan])
+def test_category_precision_recall_f1_match_sklearn(seed, zero_division):
+    rng = np.random.default_rng(seed)
+    logits = np.round(rng.normal(size=(70, 9)), 1)          # ties
+    logits[:, 8] -= 5                                       # category 8: never true, (almost) never predicted
+    labels = rng.integers(-1, 7, 70)                        # category 7 predicted but never true
+    result = category_precision_recall_f1(logits, labels, zero_division=zero_division)
+    averages, present, (precision, recall, f1, support) = sklearn_category_scores(logits, labels, zero_division)
+    for average, (p, r, f) in averages.items():
+        np.testing.assert_allclose([result[f"precision_{average}"], result[f"recall_{average}"],
+                                    result[f"f1_{average}"]], [p, r, f])
+    per = result["per_category"]
+    np.testing.assert_allclose(np.array(per["precision"])[present], precision)
+    np.testing.assert_allclose(np.array(per["recall"])[present], recall)
+    np.testing.assert_allclose(np.array(per["f1"])[present], f1)
+    assert np.array(per["support"])[present].tolist() == support.tolist()
+    absent = [c for c in range(9) if c not in present]
+    assert all(math.isnan(per[key][c]) for c in absent for key in ("precision", "recall", "f1"))
+    assert result["n_category_items"] == int((labels >= 0).sum())
+    # the top-1 prediction is the one category_top1 counts
+    assert sum(per["support"]) == sum(per["n_predicted"]) == result["n_category_items"]
+    accuracy = category_accuracy(logits, labels)["category_top1"]
+    assert accuracy == pytest.approx(sum(r * s for r, s in zip(np.nan_to_num(per["recall"]), per["support"]))
+                                     / sum(per["support"]))
+
+
+def test_category_precision_recall_f1_hand_computed():
+    logits = np.array([[2.0, 1.0, 0.0, 0.0],     # true 0, predicted 0
+                       [1.0, 1.0, 0.0, 0.0],     # true 1, tie -> predicted 0
+                       [0.0, 3.0, 0.0, 0.0],     # true 1, predicted 1
+                       [0.0, 0.0, 5.0, 0.0],     # true 0, predicted 2
+                       [0.0, 9.0, 0.0, 0.0]])    # unknown: skipped
+    result = category_precision_recall_f1(logits, np.array([0, 1, 1, 0, -1]))
+    # class 0: tp 1 fp 1 fn 1 -> P 1/2 R 1/2 F1 1/2; class 1: tp 1 fp 0 fn 1 -> 1, 1/2, 2/3;
+    # class 2: tp 0 fp 1 fn 0 -> P 0, R 0/0 = 0 (zero_division), F1 0; class 3: absent -> NaN, not averaged
+    per = result["per_category"]
+    assert per["precision"][:3] == pytest.approx([0.5, 1.0, 0.0])
+    assert per["recall"][:3] == pytest.approx([0.5, 0.5, 0.0])
+    assert per["f1"][:3] == pytest.approx([0.5, 2 / 3, 0.0])
+    assert per["support"] == [2, 2, 0, 0] and per["n_predicted"] == [2, 1, 1, 0]
+    assert all(math.isnan(per[key][3]) for key in ("precision", "recall", "f1"))
+    assert result["precision_macro"] == pytest.approx(1.5 / 3)
+    assert result["recall_macro"] == pytest.approx(1 / 3)
+    assert result["f1_macro"] == pytest.approx((0.5 + 2 / 3) / 3)
+    assert result["f1_weighted"] == pytest.approx((2 * 0.5 + 2 * 2 / 3) / 4)
+    nothing = category_precision_recall_f1(logits, np.full(5, -1))
+    assert nothing["n_category_items"] == 0 and math.isnan(nothing["f1_macro"])
+
+
 # --- compute_metrics and format_table --------------------------------------------------------
 
 def test_compute_metrics_with_groups_and_categories_is_json():
@@ -284,10 +396,20 @@ def test_compute_metrics_with_groups_and_categories_is_json():
     logits, categories = rng.normal(size=(len(labels), 3)), rng.integers(-1, 3, len(labels))
     metrics = compute_metrics(scores, labels, vocabulary, logits, categories)
     for key in ("P@k", "R@k", "F1@k", "P@k_weighted", "R@k_weighted", "F1@k_weighted", "AP", "AP_excluded",
-                "category_top1", "category_top5"):
+                "category_top1", "category_top5", "category_precision_macro", "category_recall_macro",
+                "category_f1_macro", "category_precision_weighted", "category_recall_weighted",
+                "category_f1_weighted"):
         assert key in metrics and isinstance(metrics[key], (int, float)), key
+    # every reported figure names its protocol
+    reported = set(metrics) - {"protocols"}
+    assert set(metrics["protocols"]) == reported and all(metrics["protocols"][key] == PROTOCOLS[key] for key in reported)
     assert metrics["n_items"] == len(labels)
-    assert set(metrics["top3_recall"]) == set(metrics["top5_recall"]) == {"g0", "g1", "g2", "all"}
+    for key in ("top3_recall", "top5_recall", "top3_recall_known_only", "top5_recall_known_only"):
+        assert set(metrics[key]) == {"g0", "g1", "g2", "all"}, key
+    assert metrics["top3_recall"] == top_k_recall(scores, labels, 3, vocabulary.group_indices())
+    assert metrics["top5_recall_known_only"] == top_k_recall_known_only(scores, labels, 5, vocabulary.group_indices())
+    assert [row["name"] for row in metrics["per_category"]] == vocabulary.categories
+    assert metrics["category_f1_macro"] == category_precision_recall_f1(logits, categories)["f1_macro"]
     assert set(metrics["group_top1"]) == {"g0", "g1", "g2", "mean"}
     assert metrics["top3_recall"]["g1"] == metrics["top3_recall"]["g2"] == 1.0   # groups of 3 and 2
     assert metrics["P@k"] == precision_recall_f1_at_k(scores, labels)["P@k"]
@@ -297,8 +419,10 @@ def test_compute_metrics_with_groups_and_categories_is_json():
     assert json.loads(json.dumps(metrics, allow_nan=False)) == metrics
 
     table = format_table(metrics, per_attribute=True)
-    for text in ("P@k", "top-3 recall", "g0", "category", f"{metrics['AP']:.4f}", "a8"):
-        assert text in table
+    for text in ("P@k", "top-3 recall", "g0", "category", f"{metrics['AP']:.4f}", "a8", "skirt",
+                 "Liu & Lu", "unknown = negative", "known only", "macro", "weighted",
+                 f"{metrics['category_f1_macro']:.4f}"):
+        assert text in table, text
 
 
 def test_compute_metrics_without_groups_or_categories():
@@ -309,7 +433,8 @@ def test_compute_metrics_without_groups_or_categories():
     without_head = compute_metrics(scores, labels, vocabulary, None, np.full(len(labels), -1))
     assert json.dumps(without_head) == json.dumps(metrics)
     assert metrics["top3_recall"].keys() == {"all"} and metrics["top5_recall"].keys() == {"all"}
-    assert "group_top1" not in metrics and "category_top1" not in metrics
+    assert "group_top1" not in metrics and "category_top1" not in metrics and "per_category" not in metrics
+    assert set(metrics["protocols"]) == set(metrics) - {"protocols"}
     assert metrics["AP_excluded"] >= 1
     assert "n/a" not in format_table(metrics)
     labels[:, :3] = 0
