@@ -168,8 +168,10 @@ def _batches(detector_name, images_dir, relative_paths, out, overlays, jobs):
         for batch in batches:
             yield _process_batch(detector_name, images_dir, batch, out, overlays)
         return
-    from joblib import Parallel, delayed
+    from joblib import delayed
 
-    parallel = Parallel(n_jobs=jobs, backend="loky", return_as="generator_unordered")
+    from .workers import loky_parallel
+
+    parallel = loky_parallel(jobs, return_as="generator_unordered")   # workers end with this process
     yield from parallel(delayed(_process_batch)(detector_name, images_dir, batch, out, overlays)
                         for batch in batches)

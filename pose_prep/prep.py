@@ -464,10 +464,12 @@ def _map(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterato
     elif options.jobs == 1:
         yield from (process(task, settings) for task in tasks)
     else:
-        from joblib import Parallel, delayed
+        from joblib import delayed
 
-        parallel = Parallel(n_jobs=options.jobs, backend="loky", return_as="generator_unordered",
-                            batch_size=4, pre_dispatch="8*n_jobs")
+        from .workers import loky_parallel
+
+        parallel = loky_parallel(options.jobs, return_as="generator_unordered", batch_size=4,
+                                 pre_dispatch="8*n_jobs")   # workers end with this process, even on kill -9
         yield from parallel(delayed(process)(task, settings) for task in tasks)
 
 
