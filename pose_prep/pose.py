@@ -3,7 +3,8 @@
 `<out>/<relative path without extension>_keypoints.json` holds `{"version": 1.3, "people": [...]}`
 exactly as `openpose --write_json` writes it, the main person first (an empty list when there is
 nobody). A bad file gets one record (file and reason) in `<out>/pose_failures.jsonl` and on stderr,
-and the run goes on. With `jobs > 1` images are spread over joblib worker processes, each building
+and the run goes on; so does a file whose name is not valid UTF-8, named as images.catalog_images
+names it. With `jobs > 1` images are spread over joblib worker processes, each building
 its detector once.
 """
 from __future__ import annotations
@@ -130,8 +131,10 @@ def run(images_dir: str | Path, out: str | Path, detector_name: str = "auto", jo
     folder or the detector is unusable."""
     images_dir, out = Path(images_dir), Path(out)
     check_detector(detector_name)
-    relative_paths = [p.relative_to(images_dir).as_posix() for p in images.find_images(images_dir)
-                      if not _inside(p, out)]   # an output folder inside --images: not its own input
+    found = [image for image in images.catalog_images(images_dir)
+             if not _inside(image.path, out)]   # an output folder inside --images: not its own input
+    bad_names = {image.name: image.reason for image in found if image.reason}
+    relative_paths = [image.name for image in found if not image.reason]
     out.mkdir(parents=True, exist_ok=True)
     summary = Summary()
     collisions = _name_collisions(relative_paths)
@@ -139,7 +142,7 @@ def run(images_dir: str | Path, out: str | Path, detector_name: str = "auto", jo
 
     from tqdm import tqdm
 
-    with tqdm(total=len(relative_paths), unit="img", desc="pose", disable=not progress,
+    with tqdm(total=len(found), unit="img", desc="pose", disable=not progress,
               file=sys.stderr) as bar, open(out / FAILURES_FILE, "w", encoding="utf-8") as failures:
         def record(result: ImageResult) -> None:
             summary.add(result)
@@ -148,9 +151,10 @@ def run(images_dir: str | Path, out: str | Path, detector_name: str = "auto", jo
                 failures.write(json.dumps({"file": result.relative_path, "reason": result.reason},
                                           ensure_ascii=False) + "\n")
                 failures.flush()
-                tqdm.write(f"failed: {images_dir / result.relative_path}: {result.reason}", file=sys.stderr)
+                tqdm.write(f"failed: {images_dir / images.printable_name(result.relative_path)}: {result.reason}",
+                           file=sys.stderr)
 
-        for path, reason in collisions.items():
+        for path, reason in [*bad_names.items(), *collisions.items()]:
             record(ImageResult(path, reason=reason))
         for results in _batches(detector_name, images_dir, todo, out, overlays, jobs):
             for result in results:

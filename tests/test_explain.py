@@ -4,18 +4,19 @@ from __future__ import annotations
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import quote, unquote, urlparse
 
 import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
 
+from awkward_names import make_awkward_name_folder
 from cli import main as vsam
 from vsam_train.checkpoint import load_for_inference
 from vsam_train.data import preprocess
 from vsam_train.explain import cam, grad_cam, prepare_for_gradients, saliency
-from pose_prep.images import find_images, load
+from pose_prep.images import find_images, load, printable_name
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -137,3 +138,58 @@ def test_by_default_the_baseline_explains_the_attributes_the_model_chose(tiny_ch
     for key in ("model", "baseline"):
         explained = sorted(p.name[len(f"{key}-gradcam-"):-4] for p in folder.glob(f"{key}-gradcam-*.png"))
         assert explained == sorted(top), key
+
+
+class _Gallery(HTMLParser):
+    """Links, the input photos' captions and the listed failures of index.html (text unescaped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.links: list[str] = []
+        self.captions: list[str] = []
+        self.failures: list[str] = []
+        self._cell, self._text = None, None
+
+    def handle_starttag(self, tag, attrs):
+        self.links += [value for name, value in attrs if name in ("src", "href") and value]
+        if tag == "td":
+            self._cell = dict(attrs).get("class")
+        if (tag == "figcaption" and self._cell == "input") or tag == "li":
+            self._text = []
+
+    def handle_endtag(self, tag):
+        if tag in ("figcaption", "li") and self._text is not None:
+            (self.failures if tag == "li" else self.captions).append("".join(self._text))
+            self._text = None
+
+    def handle_data(self, data):
+        if self._text is not None:
+            self._text.append(data)
+
+
+def test_awkward_file_names_get_quoted_links_escaped_captions_and_names_that_are_not_utf8_a_line(
+        tiny_checkpoint, tmp_path):
+    """Real files named with spaces, #, %, ?, <b>, &, quotes, a newline: explained, each caption the
+    name as text (HTML-escaped, control characters as \\n), each link URL-quoted and opening a file;
+    names that are not valid UTF-8: a stderr line and a gallery entry with \\xNN escapes."""
+    images, out = tmp_path / "drop", tmp_path / "gallery"
+    expected = make_awkward_name_folder(images)
+    good = [name for name, reason in expected.items() if reason is None]
+    result = CliRunner().invoke(vsam, ["explain", "--checkpoint", str(tiny_checkpoint), "--images", str(images),
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"{len(expected)} images: {len(good)} explained, {len(expected) - len(good)} failed" in result.output
+    for name, reason in expected.items():
+        if reason is not None:
+            assert f"failed: {name}: {reason}\n" in result.output
+
+    page = (out / "index.html").read_bytes().decode("utf-8")     # strict: valid UTF-8
+    assert "<b>tag</b>" not in page
+    gallery = _Gallery()
+    gallery.feed(page)
+    assert sorted(gallery.captions) == sorted(printable_name(name) for name in good)
+    assert sorted(gallery.failures) == sorted(f"{name}: {reason}" for name, reason in expected.items() if reason)
+    assert len(gallery.links) == len(good) * (1 + 4)                 # input, Ŝ, CAM, Grad-CAM, saliency
+    for link in gallery.links:
+        assert link == quote(unquote(link)) and not urlparse(link).scheme and ".." not in link, link
+        assert (out / unquote(link)).is_file(), link

@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 import bad_images as bad
+from awkward_names import make_awkward_name_folder
 from pose_prep import images
 
 
@@ -96,3 +97,24 @@ def test_a_directory_named_like_an_image_and_a_missing_root(tmp_path):
         images.load(tmp_path / "album.jpg")
     with pytest.raises(FileNotFoundError, match="not a directory"):
         images.find_images(tmp_path / "nowhere")
+
+
+def test_catalog_images_name_every_file_in_utf8_and_reject_names_that_are_not(tmp_path):
+    """Real files whose names are not valid UTF-8 (a Latin-1 é, a lone 0xFF, a folder) next to valid
+    but awkward names: each is found once, in sorted order, with a name every output can write."""
+    expected = make_awkward_name_folder(tmp_path)
+    found = images.catalog_images(tmp_path)
+    assert {image.name: image.reason for image in found} == expected
+    assert [image.path for image in found] == images.find_images(tmp_path)
+    for image in found:
+        image.name.encode("utf-8")                       # strict: every name can be written
+        assert image.path.is_file()                      # the path still opens the real file
+    rejected = {image.name for image in found if image.reason}
+    assert rejected == {"caf\\xe9.jpg", "bad\\xff.jpg", "dir\\xfe/inside.jpg"}
+
+
+def test_printable_name_escapes_undecodable_bytes_and_control_characters_only():
+    assert images.printable_name(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"
+    assert images.printable_name("new\nline\t.jpg") == "new\\nline\\t.jpg"
+    awkward = "ünïcødé 模特 <b>&\"'#%?.jpg"
+    assert images.printable_name(awkward) == awkward

@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -9,9 +10,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import awkward_names
 import bad_images
 from cli import main as vsam
 from pose_prep import keypoints as kp
+from pose_prep.detectors.openpose_json import keypoints_file_name
 from pose_prep.pose import FAILURES_FILE, main_person_first, run
 from pose_prep.sample_images import NOBODY, PEOPLE, write_sample_images
 
@@ -178,3 +181,25 @@ def test_main_person_comes_first():
     ordered = main_person_first([small, large], 100, 100)
     assert ordered[0] is large and ordered[1] is small
     assert main_person_first([], 100, 100) == []
+
+
+def test_awkward_file_names_are_processed_and_names_that_are_not_utf8_rejected(tmp_path):
+    """Real files: valid UTF-8 names (spaces, a leading dash, #, %, ?, HTML characters, a newline) get
+    their keypoints; a name that is not valid UTF-8 is a failure named with \\xNN escapes, as every
+    command names it; every output file name and pose_failures.jsonl are valid UTF-8."""
+    images, out = tmp_path / "drop", tmp_path / "out"
+    expected = awkward_names.make_awkward_name_folder(images)
+    result = CliRunner().invoke(vsam, ["pose", "--images", str(images), "--out", str(out), "--detector", "blazepose"])
+    assert result.exit_code == 0, result.output
+    rejected = {name: reason for name, reason in expected.items() if reason}
+    assert f"{len(expected)} images: {len(expected) - len(rejected)} with a person, 0 without, " \
+           f"{len(rejected)} failed" in result.output
+    failures = [json.loads(line) for line in (out / FAILURES_FILE).read_bytes().decode("utf-8").splitlines()]
+    assert {f["file"]: f["reason"] for f in failures} == rejected
+    for name, reason in rejected.items():
+        assert f"failed: {images}/{name}: {reason}\n" in result.output
+    for name in set(expected) - set(rejected):
+        assert (out / keypoints_file_name(name)).is_file(), name
+    for folder, _, files in os.walk(os.fsencode(out)):
+        for file in files:
+            os.path.join(folder, file).decode("utf-8")      # strict: no output named with the bad bytes

@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import average_precision_score
 
+from awkward_names import make_awkward_name_folder
 from bad_images import make_bad_image_folder
 from cli import main as vsam
 from vsam_train.evaluate import predict_split
@@ -131,3 +132,32 @@ def test_predict_runs_without_a_pose_detector_and_writes_to_stdout(tiny_checkpoi
     assert "LOADED []" in done.stderr
     records = [json.loads(line) for line in done.stdout.splitlines()]
     assert len(records) == 24 and all("attributes" in r for r in records)
+
+
+def test_awkward_file_names_are_predicted_and_names_that_are_not_utf8_rejected(tiny_checkpoint, tmp_path):
+    """Real files: names with spaces, a leading dash, #, %, ?, HTML characters, a newline are predicted
+    under their own name; names that are not valid UTF-8 get an error line naming them with \\xNN
+    escapes; the file (and stdout, in a real process) stays valid UTF-8 and no good photo is lost."""
+    images = tmp_path / "drop"
+    expected = make_awkward_name_folder(images)
+    n_bad = sum(reason is not None for reason in expected.values())
+    out = tmp_path / "preds.jsonl"
+    result = _predict(tiny_checkpoint, images, out, "--batch-size", "4")
+    assert result.exit_code == 0, result.output
+    assert f"{len(expected)} images: {len(expected) - n_bad} predicted, {n_bad} failed" in result.output
+    records = {r["path"]: r for r in map(json.loads, out.read_bytes().decode("utf-8").splitlines())}
+    assert set(records) == set(expected)
+    for name, reason in expected.items():
+        if reason is None:
+            assert (images / name).is_file() and len(records[name]["attributes"]) == 26, name
+        else:
+            assert records[name] == {"path": name, "error": reason}
+            assert f"failed: {name}: {reason}\n" in result.output
+
+    done = subprocess.run([sys.executable, "-c", "from cli import main; main()", "predict", "--checkpoint",
+                           str(tiny_checkpoint), "--images", str(images), "--workers", "1", "--no-progress"],
+                          cwd=REPO, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("utf-8", "replace")
+    streamed = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
+    assert [r["path"] for r in streamed] == [r["path"] for r in _lines(out)]
+    assert "failed: bad\\xff.jpg: file name is not valid UTF-8" in done.stderr.decode("utf-8")

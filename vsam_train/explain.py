@@ -17,14 +17,17 @@ Per image and model:
 The chosen attributes are `--attributes` or, by default, the `--top` best-scoring attributes of the
 main model for that image; a baseline is explained for the same attributes, so that the two
 columns compare like with like (its CAM is of its own prediction). CAM, Grad-CAM and saliency are
-scaled to their own maximum per picture. Every link in index.html is relative, so the folder can
-be moved or opened anywhere.
+scaled to their own maximum per picture. Every link in index.html is relative and URL-quoted, so
+the folder can be moved or opened anywhere; every text (file names included) is HTML-escaped. Files
+are named as pose_prep.images.catalog_images names them: one whose name is not valid UTF-8 is listed
+with the failures, its name written with \\xNN escapes.
 """
 from __future__ import annotations
 
 import html
 import re
 import sys
+from urllib.parse import quote
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +37,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from pose_prep.images import BadImage, find_images, load
+from pose_prep.images import BadImage, catalog_images, load, printable_name
 
 from .checkpoint import inference_device, load_for_inference
 from .data import preprocess
@@ -240,20 +243,22 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
         labels["baseline"] = f"baseline: {models[1][2]['model_name']} ({Path(baseline).name})"
 
     named = [vocabulary.attributes.index(name) for name in attributes] if attributes else None
-    root, out = Path(images), Path(out)
-    paths = find_images(root)[:limit]
+    out = Path(out)
+    found = catalog_images(images)[:limit]
     out.mkdir(parents=True, exist_ok=True)
-    summary = ExplainSummary(n_images=len(paths))
+    summary = ExplainSummary(n_images=len(found))
     rows = []
-    for number, path in enumerate(tqdm(paths, desc="explain", unit="img", disable=not progress, file=sys.stderr)):
-        relative = path.relative_to(root).as_posix()
+    for number, image in enumerate(tqdm(found, desc="explain", unit="img", disable=not progress, file=sys.stderr)):
+        relative = printable_name(image.name)     # shown as one line of text
         try:
-            _, decoded = load(path)
+            if image.reason:
+                raise BadImage(relative, image.reason)
+            _, decoded = load(image.path)
         except BadImage as error:
             summary.failures.append((relative, error.reason))
             tqdm.write(f"failed: {relative}: {error.reason}", file=errors or sys.stderr)
             continue
-        folder = out / "images" / f"{number:05d}-{_safe(path.stem)}"
+        folder = out / "images" / f"{number:05d}-{_safe(image.path.stem)}"
         folder.mkdir(parents=True, exist_ok=True)
         display_image(decoded.rgb).save(folder / "input.png")
         chosen = named
@@ -273,10 +278,10 @@ def write_gallery(path: Path, rows: list, summary: ExplainSummary, labels: dict[
     parts = [_HTML_HEAD, f"<h1>vsam explain</h1><p>{e(summary.line())}. Columns: "
              + " | ".join(e(label) for label in labels.values()) + "</p>\n<table>\n"]
     for relative, input_file, columns in rows:
-        cells = [f'<td class="input"><figure><img src="{e(input_file)}" alt="{e(relative)}">'
+        cells = [f'<td class="input"><figure><img src="{_link(input_file)}" alt="{e(relative)}">'
                  f"<figcaption>{e(relative)}</figcaption></figure></td>"]
         for column in columns:
-            figures = "".join(f'<figure><img src="{e(p.file)}" alt="{e(p.title)}"><figcaption><b>{e(p.title)}'
+            figures = "".join(f'<figure><img src="{_link(p.file)}" alt="{e(p.title)}"><figcaption><b>{e(p.title)}'
                               f"</b><br>{e(p.caption)}</figcaption></figure>" for p in column.panels)
             cells.append(f'<td class="model"><div class="label">{e(column.label)}: {e(column.summary)}</div>'
                          f"{figures}</td>")
@@ -287,6 +292,12 @@ def write_gallery(path: Path, rows: list, summary: ExplainSummary, labels: dict[
                      + "".join(f"<li>{e(p)}: {e(reason)}</li>" for p, reason in summary.failures) + "</ul>\n")
     parts.append("</body></html>\n")
     path.write_text("".join(parts), encoding="utf-8")
+
+
+def _link(relative_file: str) -> str:
+    """A relative file path as an attribute value: URL-quoted (a '#', '%' or '?' in it would
+    otherwise end or change the path), then HTML-escaped."""
+    return html.escape(quote(relative_file))
 
 
 _HTML_HEAD = """<!DOCTYPE html>

@@ -11,10 +11,11 @@ Output: JSON Lines, one line per image found, in sorted path order:
      "groups": {"texture": "floral", ...}}   # only for exclusive groups (DeepFashion attribute
                                              # subset): each group's best-scoring attribute
 
-A file that cannot be used (unreadable, not an image, truncated, a decompression bomb, ...) gets
-the line {"path": ..., "error": "<reason>"} instead, and one line "failed: PATH: REASON" on stderr,
-as prep does; the run goes on. So every image found has exactly one line, and a reader skips the
-lines with an "error" key.
+A file that cannot be used (unreadable, not an image, truncated, a decompression bomb, a name that
+is not valid UTF-8, ...) gets the line {"path": ..., "error": "<reason>"} instead, and one line
+"failed: PATH: REASON" on stderr, as prep does; the run goes on. So every image found has exactly
+one line, and a reader skips the lines with an "error" key. Paths are written as
+pose_prep.images.catalog_images names them (a name that is not valid UTF-8: "caf\\xe9.jpg").
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pose_prep.atomic import atomic_path
-from pose_prep.images import BadImage, find_images, load
+from pose_prep.images import BadImage, CatalogImage, catalog_images, load, printable_name
 from pose_prep.shard_format import Vocabulary
 
 from .checkpoint import inference_device, load_for_inference
@@ -49,15 +50,17 @@ class PredictSummary:
 class ImageFiles(Dataset):
     """Decoded, preprocessed images of a file list: (index, tensor or None, reason or None)."""
 
-    def __init__(self, paths: list[Path], image_size: int):
-        self.paths, self.image_size = paths, image_size
+    def __init__(self, images: list[CatalogImage], image_size: int):
+        self.images, self.image_size = images, image_size
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, index: int):
+        if self.images[index].reason:
+            return index, None, self.images[index].reason
         try:
-            _, decoded = load(self.paths[index])
+            _, decoded = load(self.images[index].path)
         except BadImage as error:
             return index, None, error.reason
         return index, preprocess(decoded.rgb, self.image_size), None
@@ -104,12 +107,11 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out, *, threshold
     device = inference_device(device)
     model, info = load_for_inference(checkpoint, device)
     vocabulary = info["vocabulary"]
-    root = Path(images)
-    paths = find_images(root)
-    summary = PredictSummary(n_images=len(paths))
-    loader = DataLoader(ImageFiles(paths, info["image_size"]), batch_size=batch_size, num_workers=workers,
+    found = catalog_images(images)
+    summary = PredictSummary(n_images=len(found))
+    loader = DataLoader(ImageFiles(found, info["image_size"]), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
-    bar = tqdm(total=len(paths), desc="predict", unit="img", disable=not progress, dynamic_ncols=True,
+    bar = tqdm(total=len(found), desc="predict", unit="img", disable=not progress, dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr)
     with torch.inference_mode():
         for indices, batch, failures in loader:
@@ -117,11 +119,10 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out, *, threshold
             if batch is not None:
                 outputs = model(batch.to(device, non_blocking=True))
                 for index, record in zip(indices, prediction_records(outputs, vocabulary, threshold)):
-                    lines[index] = {"path": _relative(paths[index], root), **record}
+                    lines[index] = {"path": found[index].name, **record}
             for index, reason in failures:
-                path = _relative(paths[index], root)
-                lines[index] = {"path": path, "error": reason}
-                tqdm.write(f"failed: {path}: {reason}", file=errors or sys.stderr)
+                lines[index] = {"path": found[index].name, "error": reason}
+                tqdm.write(f"failed: {printable_name(found[index].name)}: {reason}", file=errors or sys.stderr)
             for index in sorted(lines):
                 out.write(json.dumps(lines[index], ensure_ascii=False) + "\n")
             summary.n_predicted += len(indices)
@@ -129,10 +130,6 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out, *, threshold
             bar.update(len(indices) + len(failures))
     bar.close()
     return summary
-
-
-def _relative(path: Path, root: Path) -> str:
-    return path.relative_to(root).as_posix()
 
 
 def predict_to_file(checkpoint, images, out: str | Path, **options) -> PredictSummary:
