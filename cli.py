@@ -226,7 +226,7 @@ def _config_assignments(ctx, param, assignments) -> dict:
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder: config.yaml, checkpoints/, metrics.jsonl, steps.jsonl, tensorboard/.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="YAML recipe (default: the paper's, as configs/paper.yaml).")
+              help="YAML recipe (default: the paper's from scratch; configs/paper.yaml adds ImageNet weights).")
 @click.option("--model", type=click.Choice(["vsam", "vgg16", "resnet50"]), help="model.name")
 @click.option("--attention", type=click.Choice(["single", "groups"]),
               help="model.attention (vsam): the paper's one Ŝ, or one map per attribute group.")
@@ -234,7 +234,8 @@ def _config_assignments(ctx, param, assignments) -> dict:
 @click.option("--batch-size", type=click.IntRange(1), help="train.batch_size (per process)")
 @click.option("--width", type=float, help="model.width (channel multiplier)")
 @click.option("--image-size", type=click.IntRange(32), help="model.image_size (a multiple of 32)")
-@click.option("--pretrained", help="model.pretrained: 'imagenet' (torchvision, online) or a state_dict file.")
+@click.option("--pretrained", help="model.pretrained: 'imagenet' (torchvision's file in the torch hub cache, "
+                                   "downloaded if missing), 'none' (from scratch) or a state_dict file.")
 @click.option("--workers", type=click.IntRange(0), help="data.num_workers")
 @click.option("--decode", type=click.Choice(["cpu", "gpu"]), help="data.decode: JPEGs on CPU workers or nvjpeg.")
 @click.option("--compile/--no-compile", default=None, help="train.compile (torch.compile)")

@@ -115,16 +115,89 @@ def test_pretrained_file_that_does_not_fit_or_is_not_weights_is_named(tmp_path):
         create_model("vsam", 0, 26, pretrained=str(tmp_path / "missing.pth"), **TINY)
 
 
-def test_pretrained_imagenet_offline_fails_with_a_clear_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))                 # no cached download
+def _offline(monkeypatch, torch_home):
+    """An empty torch hub cache, and every download sent to a port where nothing listens."""
+    monkeypatch.setenv("TORCH_HOME", str(torch_home))
     for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        monkeypatch.setenv(variable, "http://127.0.0.1:9")        # nothing listens: as offline
+        monkeypatch.setenv(variable, "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    with pytest.raises(PretrainedWeightsError, match="--pretrained PATH"):
+    monkeypatch.delenv("TORCH_HUB", raising=False)
+
+
+def _torchvision_file(model_fn, path):
+    """A file in torchvision's format: its state_dict's exact keys and shapes, random trunk values.
+    The classifier (123 M parameters) is a zero broadcast of one element: same shapes, a few
+    bytes on disk (torch.save keeps the strides), so the file is the trunk's 59 MB, not 528 MB."""
+    with torch.device("meta"):
+        reference = model_fn().state_dict()
+    generator = torch.Generator().manual_seed(0)
+    state = {key: (torch.randn(value.shape, generator=generator) if value.is_floating_point() else
+                   torch.full(value.shape, 7, dtype=value.dtype))
+             if key.startswith("features.") else torch.zeros((), dtype=value.dtype).expand(value.shape)
+             for key, value in reference.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return state
+
+
+@pytest.mark.parametrize("name, batch_norm, model_fn, file_name", [
+    ("vsam", False, torchvision.models.vgg16, "vgg16-397923af.pth"),
+    ("vgg16", True, torchvision.models.vgg16_bn, "vgg16_bn-6c64b313.pth"),
+])
+def test_pretrained_imagenet_reads_torchvisions_file_from_the_hub_cache_without_network(
+        tmp_path, monkeypatch, name, batch_norm, model_fn, file_name):
+    _offline(monkeypatch, tmp_path / "torch")
+    from vsam_train.models import imagenet_weights_file
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / file_name
+    assert imagenet_weights_file(name, batch_norm) == cached
+    state = _torchvision_file(model_fn, cached)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    model = create_model(name, 0, 26, batch_norm=batch_norm, pretrained="imagenet")
+    assert loads == [{"map_location": "cpu", "weights_only": True}]
+    trunk = model.features.state_dict()
+    assert len(trunk) == sum(key.startswith("features.") for key in state)
+    for key, value in trunk.items():
+        assert torch.equal(value, state[f"features.{key}"]), key
+
+
+def test_pretrained_imagenet_offline_names_the_file_to_place_and_the_override(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path / "torch")
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    with pytest.raises(PretrainedWeightsError) as error:
         create_model("vsam", 0, 26, pretrained="imagenet")
-    with pytest.raises(PretrainedWeightsError, match="only for width 1.0"):
+    message = str(error.value)
+    assert "\n" not in message
+    for text in (f"{expected} is missing", "https://download.pytorch.org/models/vgg16-397923af.pth",
+                 "--pretrained none"):
+        assert text in message, text
+    assert list(expected.parent.iterdir()) == []              # no partial download left behind
+    with pytest.raises(PretrainedWeightsError, match=r"vgg16_bn-6c64b313.pth is missing"):
+        create_model("vgg16", 0, 26, batch_norm=True, pretrained="imagenet")
+    with pytest.raises(PretrainedWeightsError, match="only for width 1.0.*--pretrained none"):
         create_model("vsam", 0, 26, pretrained="imagenet", **TINY)
+    expected.write_bytes(b"truncated download")
+    with pytest.raises(PretrainedWeightsError, match="vgg16-397923af.pth: not a loadable state_dict.*replace it"):
+        create_model("vsam", 0, 26, pretrained="imagenet")
+
+
+def test_pretrained_none_means_from_scratch(tmp_path, monkeypatch):
+    _offline(monkeypatch, tmp_path / "torch")
+    for value in (None, "none", "None", "null", ""):
+        torch.manual_seed(0)
+        weights = create_model("vgg16", 0, 26, pretrained=value, **TINY).features[0].weight
+        torch.manual_seed(0)
+        assert torch.equal(weights, create_model("vgg16", 0, 26, **TINY).features[0].weight), value
+
+
+def test_the_paper_recipe_starts_from_imagenet():
+    from pathlib import Path
+
+    from vsam_train.config import load_config
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "paper.yaml")
+    assert config["model"]["pretrained"] == "imagenet" and config["model"]["width"] == 1.0
 
 
 def test_from_scratch_convolutions_are_kaiming_initialised():

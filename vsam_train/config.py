@@ -1,6 +1,7 @@
 """Training configuration: one nested dict of every hyperparameter, read from YAML.
 
-`DEFAULTS` is the paper's recipe (configs/paper.yaml spells it out); a YAML file overrides any
+`DEFAULTS` is the paper's recipe from scratch (configs/paper.yaml spells it out, with
+model.pretrained: imagenet as in the paper, which needs torchvision's weights file); a YAML file overrides any
 subset of it; command-line options override the file (`overrides`, dotted keys). Unknown keys are
 errors (a typo must not silently train with a default). The resolved config is saved in the run
 folder as config.yaml and inside every checkpoint.
@@ -20,7 +21,7 @@ DEFAULTS: dict = {
         "width": 1.0,              # channel multiplier (1.0 = the paper's VGG16)
         "image_size": 224,
         "batch_norm": False,       # torchvision's vgg16_bn layout
-        "pretrained": None,        # null | imagenet | path of a state_dict
+        "pretrained": None,        # null (or "none") | imagenet (configs/paper.yaml) | path of a state_dict
         "dropout": 0.5,
         "attention": "single",     # single: the paper's one Ŝ | groups: one map per attribute group
         "attention_scale": 20.0,   # × the pooled attended features added to block4_pool

@@ -28,6 +28,7 @@ from .vgg import VGG16, VSAM
 
 MODELS = ("vsam", "vgg16", "resnet50", "vsam-groups")   # vsam-groups = vsam with attention="groups"
 ATTENTIONS = ("single", "groups")
+FROM_SCRATCH = ("none", "null", "")   # `--pretrained none` (YAML's null arrives as None)
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -40,8 +41,9 @@ def create_model(name: str, num_categories: int, num_attributes: int, *, width: 
                  attribute_groups: list[int] | None = None, group_names: list[str] | None = None,
                  group_channels: int = 64) -> TwoHeads:
     """Build a model; Kaiming-initialised unless `pretrained` names weights for its trunk:
-    "imagenet" (torchvision's weights API: needs the internet or torch's hub cache) or the path of
-    a local state_dict file (torchvision's key names, with or without the classifier keys).
+    "imagenet" (torchvision's ImageNet weights, see `imagenet_weights_file`) or the path of a
+    local state_dict file (torchvision's key names, with or without the classifier keys). None or
+    "none" means from scratch.
 
     `num_categories` may be 0 (no category head; DeepFashion attribute subset). `batch_norm`
     selects torchvision's vgg16_bn layout (VGG models; ResNet-50 always has batch norm).
@@ -71,7 +73,7 @@ def create_model(name: str, num_categories: int, num_attributes: int, *, width: 
         model = ResNet50(num_categories, num_attributes, width=width, image_size=image_size, dropout=dropout)
     else:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    if pretrained:
+    if pretrained is not None and str(pretrained).strip().lower() not in FROM_SCRATCH:
         load_pretrained_trunk(model, name, pretrained, batch_norm)
     return model
 
@@ -91,25 +93,37 @@ def model_from_config(config: dict, vocabulary, pretrained: str | None = None) -
                         dropout=m["dropout"], attention_scale=m["attention_scale"], **groups)
 
 
-def load_pretrained_trunk(model: TwoHeads, name: str, pretrained: str, batch_norm: bool) -> None:
+def load_pretrained_trunk(model: TwoHeads, name: str, pretrained: str, batch_norm: bool) -> str:
+    """Load `model.features` from "imagenet" or a state_dict file; returns the file used."""
     if pretrained == "imagenet":
         if model.width != 1.0:
-            raise PretrainedWeightsError(f"ImageNet weights exist only for width 1.0, not {model.width}")
-        state, source = _download_imagenet(name, batch_norm), f"torchvision's ImageNet weights for {name}"
+            raise PretrainedWeightsError(f"ImageNet weights exist only for width 1.0, not {model.width} "
+                                         "(train from scratch: --pretrained none)")
+        path = imagenet_weights_file(name, batch_norm)
+        if not path.is_file():
+            _download_imagenet(name, batch_norm, path)
+        source = f"{path} (torchvision's ImageNet weights for {name})"
     else:
         path = Path(pretrained)
         if not path.is_file():
-            raise PretrainedWeightsError(f"{path}: no such weights file (--pretrained takes 'imagenet' or a path)")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for foreign or damaged files
-            raise PretrainedWeightsError(f"{path}: not a loadable state_dict ({error})") from None
+            raise PretrainedWeightsError(f"{path}: no such weights file (--pretrained takes 'imagenet', "
+                                         "'none' or a path)")
         source = str(path)
-    trunk_state = _trunk_state(state)
+    remedy = (f"; replace it with {_imagenet_weights(name, batch_norm).url} or train from scratch with "
+              "--pretrained none" if pretrained == "imagenet" else "")
     try:
-        model.features.load_state_dict(trunk_state, strict=True)
-    except RuntimeError as error:
-        raise PretrainedWeightsError(f"{source}: does not fit the {name} trunk ({error})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for foreign or damaged files
+        raise PretrainedWeightsError(f"{path}: not a loadable state_dict ({_one_line(error)}){remedy}") from None
+    try:
+        model.features.load_state_dict(_trunk_state(state), strict=True)
+    except (RuntimeError, AttributeError, TypeError) as error:   # wrong keys or shapes; not a dict of tensors
+        raise PretrainedWeightsError(f"{source}: does not fit the {name} trunk ({_one_line(error)}){remedy}") from None
+    return str(path)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
 
 
 def _trunk_state(state: dict) -> dict:
@@ -122,19 +136,37 @@ def _trunk_state(state: dict) -> dict:
     return {key: value for key, value in state.items() if not key.startswith("fc.")}
 
 
-def _download_imagenet(name: str, batch_norm: bool) -> dict:
+def _imagenet_weights(name: str, batch_norm: bool):
     from torchvision.models import ResNet50_Weights, VGG16_BN_Weights, VGG16_Weights
 
     if name == "resnet50":
-        weights = ResNet50_Weights.IMAGENET1K_V2
-    else:
-        weights = VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+        return ResNet50_Weights.IMAGENET1K_V2
+    return VGG16_BN_Weights.IMAGENET1K_V1 if batch_norm else VGG16_Weights.IMAGENET1K_V1
+
+
+def imagenet_weights_file(name: str, batch_norm: bool = False) -> Path:
+    """Where `pretrained="imagenet"` reads torchvision's ImageNet weights for `name`'s trunk: the
+    file of torchvision's weights entry (VGG16_Weights.IMAGENET1K_V1 = vgg16-397923af.pth,
+    VGG16_BN_Weights.IMAGENET1K_V1 = vgg16_bn-6c64b313.pth, ResNet50_Weights.IMAGENET1K_V2 =
+    resnet50-11ad3fa6.pth) in torch's hub cache, `torch.hub.get_dir()/checkpoints` (by default
+    ~/.cache/torch/hub/checkpoints; $TORCH_HOME/hub/checkpoints when TORCH_HOME is set): the file
+    torchvision itself downloads and reads."""
+    url = _imagenet_weights(name, batch_norm).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _download_imagenet(name: str, batch_norm: bool, path: Path) -> None:
+    """Download torchvision's file to `path`, its SHA-256 checked against the prefix in its name
+    (torch.hub writes a temporary file and renames it: no partial file is left behind)."""
+    url = _imagenet_weights(name, batch_norm).url
     try:
-        return weights.get_state_dict(progress=False)
-    except Exception as error:  # URLError, HTTPError, socket errors, a truncated download ...
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=path.stem.rsplit("-", 1)[-1], progress=False)
+    except Exception as error:  # URLError, HTTPError, socket errors, a hash mismatch, a read-only cache ...
+        reason = _one_line(getattr(error, "reason", None) or error)
         raise PretrainedWeightsError(
-            f"could not get {weights} from {weights.url} ({error}). Without internet access, download that "
-            f"file elsewhere and pass its path: --pretrained PATH") from None
+            f"model.pretrained imagenet: {path} is missing and could not be downloaded ({reason}); place "
+            f"{url} there, or train from scratch with --pretrained none (model.pretrained: null)") from None
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -142,4 +174,4 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = ["ATTENTIONS", "MODELS", "Head", "PretrainedWeightsError", "ResNet50", "TwoHeads", "VGG16", "VSAM",
-           "count_parameters", "create_model", "model_from_config"]
+           "count_parameters", "create_model", "imagenet_weights_file", "model_from_config"]
