@@ -89,6 +89,24 @@ def pose_eval(images, annotations, detector, threshold) -> None:
 
 # --- prep-pose and shards (pose_prep) ---------------------------------------------------------
 
+def _max_retire(context, parameter, value: str) -> str:
+    from pose_prep.prep import RetireLimit
+
+    try:
+        RetireLimit.parse(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    return value
+
+
+def _echo_first(kind: str, lines: list[str], limit: int = 10) -> None:
+    """The first `limit` lines on stderr as `kind: line`, then how many more the report holds."""
+    for line in lines[:limit]:
+        click.echo(f"{kind}: {line}", err=True)
+    if len(lines) > limit:
+        click.echo(f"{kind}: ... and {len(lines) - limit} more (see the report)", err=True)
+
+
 @main.command("prep-pose")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="Catalog folder, searched recursively (jpg, jpeg, png, webp, bmp).")
@@ -105,7 +123,11 @@ def pose_eval(images, annotations, detector, threshold) -> None:
               help="loky: local processes; dask: the cluster at --scheduler.")
 @click.option("--scheduler", help="Dask scheduler address (with --backend dask), e.g. tcp://10.0.0.5:8786.")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Items per shard.")
-@click.option("--strict", is_flag=True, help="Exit 1 while any file of the catalog is rejected.")
+@click.option("--strict", is_flag=True,
+              help="Exit 1 while any file of the catalog is rejected, or a folder or file could not be read.")
+@click.option("--max-retire", default="10%", show_default=True, metavar="N|P%", callback=_max_retire,
+              help="Refuse (change nothing, exit 1) a run that would retire more live items than this: a count "
+                   "(500) or a share of the live items (10%); 100% allows any, also an empty --images.")
 @click.option("--crop-bbox", is_flag=True, help="Store the crop to the annotated box (formats with boxes).")
 @click.option("--max-side", default=256, show_default=True, type=click.IntRange(0),
               help="Longer side of the stored JPEG (0: original size).")
@@ -113,13 +135,14 @@ def pose_eval(images, annotations, detector, threshold) -> None:
 @click.option("--splits", help="Keep only images of these splits, e.g. train,val (others are left out).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def prep_pose(images, labels, labels_format, out, detector, jobs, backend, scheduler, shard_size, strict,
-              crop_bbox, max_side, jpeg_quality, splits, progress) -> None:
+              max_retire, crop_bbox, max_side, jpeg_quality, splits, progress) -> None:
     """Detect poses in a catalog and write images, heatmaps, keypoints and labels into HDF5 shards.
 
     Incremental (only new or changed images are processed, deleted ones retired) and crash-safe;
     one run at a time per output folder (a second one exits with code 75). Exit code 0 also when
-    some files were rejected (they are listed in the report); 1 with --strict while any file is
-    rejected, or when nothing could be processed."""
+    some files were rejected (they are listed in the report); 1 when the run was refused (it would
+    retire more than --max-retire, or found no image at all: nothing was changed), with --strict while
+    any file is rejected, or when nothing could be processed."""
     from pathlib import Path
 
     from pose_prep import lock
@@ -134,7 +157,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
                           labels_format=labels_format, detector=detector, jobs=jobs,
                           backend=backend, scheduler=scheduler, shard_size=shard_size, strict=strict,
                           crop_bbox=crop_bbox, max_side=max_side, jpeg_quality=jpeg_quality, splits=chosen,
-                          progress=progress)
+                          progress=progress, max_retire=max_retire)
     try:
         report = run(options)
     except lock.Busy as error:
@@ -145,12 +168,12 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
         sys.exit(EXIT_FAILED)
     for rejected in report.rejected:
         click.echo(f"rejected: {rejected['path']}: {rejected['reason']}", err=True)
-    click.echo(report.summary())
+    _echo_first("unreadable", [f"{u['path']}: {u['reason']} (its stored items are kept)" for u in report.unreadable])
+    if report.status != "refused":
+        click.echo(report.summary())
     click.echo(f"report: {report.path}")
     if report.exit_code != EXIT_OK:
-        click.echo("vsam prep-pose: failed: " + (f"--strict and {report.rejected_total} file(s) are rejected "
-                                                  "(vsam shards info lists them)" if strict and report.rejected_total
-                                                  else "nothing could be processed"), err=True)
+        click.echo(f"vsam prep-pose: {report.error}", err=True)
     sys.exit(report.exit_code)
 
 

@@ -5,7 +5,11 @@ One run, holding the output folder's lock (`lock.py`):
 1. remove what an interrupted run left (temporary and unlisted shard files, shards no row uses);
 2. scan `--images`; compare each file with the index by size and mtime first, by sha256 of its bytes
    only when those differ; classify it new, changed, unchanged, relabelled or reprocessed, and the
-   index entries whose file is gone as deleted (retired in one transaction);
+   index entries whose file is gone as deleted (retired in one transaction). Gone means positively
+   seen gone: absent from a folder listing that succeeded. An item under a folder that cannot be
+   listed, or whose file cannot be stat'ed, is kept as it is (counted `unreadable`). A run that finds
+   no image at all, or that would retire more live items than `--max-retire` allows, stops here and
+   changes nothing (status `refused`, exit 1): an unmounted share must not wipe the collection;
 3. decode + detect + render + re-encode in workers (joblib: loky processes or a Dask cluster);
 4. the parent alone writes shards: every `shard_size` items it writes one shard atomically and
    commits it to the index in one transaction (`shard_format.write_shard` then `commit_shard`).
@@ -26,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,11 +49,41 @@ from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_s
 # Exit codes (the same values as cli.py's, which imports this module only inside its command).
 EXIT_OK, EXIT_FAILED = 0, 1
 DEFAULT_SHARD_SIZE = 1000
+# A nightly drop retires a few discontinued items; retiring more than a tenth of the collection in one
+# run is far more often a half-copied drop or a wrong --images than a real clear-out.
+DEFAULT_MAX_RETIRE = "10%"
 REPORTS = "reports"
 
 
 class PrepError(Exception):
     """A run that cannot start (bad options for this output folder); str() says why."""
+
+
+@dataclass(frozen=True)
+class RetireLimit:
+    """`--max-retire`: how many live items one run may retire, as a share of the live items before
+    the run (`10%`: more than 10% is refused) or as a count (`500`). `100%` allows anything, also a
+    run that finds no image at all."""
+    amount: float
+    share: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "RetireLimit":
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)%|(\d+)", str(text).strip())
+        if not match or (match[1] is not None and float(match[1]) > 100):
+            raise ValueError(f"{text!r}: expected a share of the live items like 10% or a count like 500 "
+                             "(100% allows any)")
+        return cls(float(match[1]), True) if match[1] is not None else cls(int(match[2]), False)
+
+    def allows(self, retire: int, live: int) -> bool:
+        return retire * 100 <= self.amount * live if self.share else retire <= self.amount
+
+    @property
+    def everything(self) -> bool:
+        return self.share and self.amount >= 100
+
+    def __str__(self) -> str:
+        return f"{self.amount:g}%" if self.share else str(int(self.amount))
 
 
 @dataclass
@@ -68,6 +103,7 @@ class PrepOptions:
     jpeg_quality: int = 90
     splits: tuple[str, ...] | None = None    # keep only images of these splits
     progress: bool | None = None             # None: a bar when stderr is a terminal
+    max_retire: str = DEFAULT_MAX_RETIRE     # RetireLimit text: 10% or 500
 
     def settings(self) -> Settings:
         return Settings(detector=self.detector or _default_detector(Path(self.out)), max_side=self.max_side,
@@ -75,7 +111,7 @@ class PrepOptions:
 
 
 COUNTS = ("new", "changed", "deleted", "unchanged", "relabelled", "reprocessed", "no_person", "rejected",
-          "excluded")
+          "excluded", "unreadable")
 
 
 @dataclass
@@ -87,7 +123,7 @@ class Report:
     detector: str
     start: str = ""
     end: str | None = None
-    status: str = "running"           # running | completed | failed (a stale "running": the run was killed)
+    status: str = "running"           # running | completed | failed | refused (a stale "running": killed)
     seconds: float = 0.0
     processed: int = 0                # images decoded and run through the detector
     images_per_s: float = 0.0
@@ -98,6 +134,9 @@ class Report:
     removed_leftovers: list[str] = field(default_factory=list)
     found: int = 0                    # image files found under --images (after --splits)
     stored: int = 0                   # items this run wrote into shards
+    unreadable: list[dict] = field(default_factory=list)  # {path, reason}: folders and files not seen
+    would_retire: int = 0             # live items this run found gone (retired unless refused)
+    max_retire: str = DEFAULT_MAX_RETIRE
     path: str = ""                    # of this report
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=socket.gethostname)
@@ -110,6 +149,7 @@ class Report:
                 f"{c['unchanged']} unchanged, {c['relabelled']} relabelled, {c['reprocessed']} reprocessed, "
                 f"{c['no_person']} no person, {c['rejected']} rejected in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s); {self.items_total} items live")
+        text += f", {c['unreadable']} kept unreadable" if c["unreadable"] else ""
         return text + (f", {c['excluded']} outside --splits" if c["excluded"] else "")
 
 
@@ -125,7 +165,7 @@ class Entry:
     sha256: str | None = None
     labels: ItemLabels = field(default_factory=ItemLabels)
     fingerprint: str = ""
-    kind: str = "new"                 # new | changed | unchanged | relabelled | reprocessed
+    kind: str = "new"                 # new | changed | unchanged | relabelled | reprocessed | unreadable
     reason: str | None = None         # rejected before any worker saw it
     copy_from: FileRecord | None = None   # stored row to copy instead of detecting again
 
@@ -153,8 +193,10 @@ def _pixels_part(fingerprint: str | None) -> str | None:
 
 
 def scan(images: Path, labels: Labels, splits: tuple[str, ...] | None, report: Report) -> list[Entry]:
+    """The image files under `images` as entries (those outside --splits counted, not returned); the
+    subfolders that could not be listed go into report.unreadable as `{path: "folder/", reason}`."""
     entries = []
-    for path in find_images(images):
+    for path in _list_catalog(images, report):
         relative = path.relative_to(images).as_posix()
         try:
             relative.encode("utf-8")
@@ -176,6 +218,22 @@ def scan(images: Path, labels: Labels, splits: tuple[str, ...] | None, report: R
     return entries
 
 
+def _list_catalog(images: Path, report: Report) -> list[Path]:
+    errors: list[OSError] = []
+    try:
+        paths = find_images(images, on_error=errors.append)
+    except FileNotFoundError:
+        raise PrepError(f"{images}: no such folder (an unmounted share?): nothing was changed") from None
+    for error in errors:
+        reason = f"cannot list ({error.strerror or error})"
+        if Path(error.filename) == images:
+            raise PrepError(f"{images}: {reason}: nothing was changed") from None
+        folder = Path(error.filename).relative_to(images).as_posix()
+        report.unreadable.append({"path": os.fsencode(folder).decode("utf-8", "backslashreplace") + "/",
+                                  "reason": reason})
+    return paths
+
+
 def classify(entries: list[Entry], records: dict[str, FileRecord], fingerprint: Fingerprints) -> list[Entry]:
     """Decide per entry what to do; returns the entries that need work (everything not unchanged)."""
     stored_by_content: dict[tuple[str, str], FileRecord] = {}
@@ -187,7 +245,9 @@ def classify(entries: list[Entry], records: dict[str, FileRecord], fingerprint: 
         record = records.get(entry.relative)
         entry.fingerprint = fingerprint(entry.labels)
         if entry.reason is not None:     # cannot even be stat'ed (a dangling link, a bad name)
-            if record is not None and (record.status, record.reason) == ("rejected", entry.reason):
+            if record is not None and record.shard_id is not None:
+                entry.kind = "unreadable"    # not seen, so not known to be bad: the stored item stays
+            elif record is not None and (record.status, record.reason) == ("rejected", entry.reason):
                 entry.kind = "unchanged"     # still rejected for the same reason: recorded already
             else:
                 entry.kind = "changed" if record else "new"
@@ -274,6 +334,7 @@ def run(options: PrepOptions) -> Report:
     LabelError or PrepError before touching anything when the labels or options are unusable (a Dask
     scheduler that cannot be reached: PrepError when detection starts, what is committed stays)."""
     _check_backend(options)
+    _retire_limit(options.max_retire)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     with lock.exclusive(out):
@@ -290,7 +351,9 @@ def run(options: PrepOptions) -> Report:
             report.status, report.error = "failed", f"{type(error).__name__}: {error}"
             _finish(report, started, EXIT_FAILED)
             raise
-        _finish(report, started, exit_code(report, options.strict))
+        if report.status != "refused":
+            report.error = failure(report, options.strict)
+        _finish(report, started, EXIT_FAILED if report.error else EXIT_OK)
         return report
 
 
@@ -306,13 +369,20 @@ def _finish(report: Report, started: float, code: int) -> None:
 def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Labels, report: Report) -> None:
     with open_index(out) as connection:
         _check_labels_continuity(connection, labels, out)
-        report.removed_leftovers = [p.name for p in remove_orphans(out, connection)]
         write_report(Path(report.path), report)
         records = file_records(connection)
-        entries = scan(Path(options.images), labels, options.splits, report)
+        images = Path(options.images)
+        entries = scan(images, labels, options.splits, report)
         report.found = len(entries)
         todo = classify(entries, records, Fingerprints(labels, settings, options.crop_bbox))
-        deleted = sorted(set(records) - {e.relative for e in entries})
+        deleted = _seen_gone(records, entries, report)
+        report.error = _retire_refusal(images, _retire_limit(options.max_retire), records, deleted,
+                                       scanned=len(entries) + report.counts["excluded"], report=report)
+        if report.error:                  # before any change: no leftover removed, nothing retired or written
+            report.status, report.items_total = "refused", count_live(connection)
+            report.rejected_total = len(rejected_files(connection))
+            return
+        report.removed_leftovers = [p.name for p in remove_orphans(out, connection)]
         retire_files(connection, deleted)
         report.counts["deleted"] = len(deleted)
         report.counts["unchanged"] = sum(e.kind == "unchanged" for e in entries)
@@ -332,6 +402,40 @@ def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Lab
         remove_orphans(out, connection)
         report.items_total = count_live(connection)
         report.rejected_total = len(rejected_files(connection))
+
+
+def _seen_gone(records: dict[str, FileRecord], entries: list[Entry], report: Report) -> list[str]:
+    """Index entries whose file this run positively saw gone: absent from a folder listing that
+    succeeded. Those under a folder that could not be listed, and files that could not be stat'ed,
+    are kept; the live ones among them are counted `unreadable` and named in report.unreadable."""
+    seen = {e.relative for e in entries}
+    hidden = tuple(folder["path"] for folder in report.unreadable)
+    unseen = [path for path in records if path not in seen]
+    kept_live = [path for path in unseen if path.startswith(hidden) and records[path].shard_id is not None] \
+        if hidden else []
+    not_statted = [e for e in entries if e.kind == "unreadable"]
+    report.unreadable += [{"path": e.relative, "reason": e.reason} for e in not_statted]
+    report.counts["unreadable"] = len(kept_live) + len(not_statted)
+    return sorted(path for path in unseen if not (hidden and path.startswith(hidden)))
+
+
+def _retire_refusal(images: Path, limit: RetireLimit, records: dict[str, FileRecord], gone: list[str],
+                    scanned: int, report: Report) -> str | None:
+    """Why this run must change nothing (None: it may go on). `scanned`: image files found, --splits or not."""
+    live = sum(record.shard_id is not None for record in records.values())
+    retire = sum(records[path].shard_id is not None for path in gone)
+    report.would_retire, report.max_retire = retire, str(limit)
+    if retire and scanned == 0 and not limit.everything:
+        return (f"refused: no image found under {images} while the collection holds {live} live items "
+                "(an unmounted share, or a drop not yet copied?): nothing was changed; if the catalog is really "
+                "empty, rerun with --max-retire 100%")
+    if retire and not limit.allows(retire, live):
+        over = f"{100 * retire / live:.3g}% > --max-retire {limit}" if limit.share else \
+            f"{retire} > --max-retire {limit}"
+        return (f"refused: this run would retire {retire} of {live} live items ({over}): nothing was changed; "
+                f"check that --images {images} is the whole catalog; if those images are really gone, rerun with "
+                f"--max-retire {retire} (or 100%)")
+    return None
 
 
 def _default_detector(out: Path) -> str:
@@ -361,6 +465,13 @@ def _check_backend(options: PrepOptions) -> None:
         raise PrepError(f"unknown backend {options.backend!r} (loky or dask)")
     if options.backend == "dask" and not options.scheduler:
         raise PrepError("--backend dask needs --scheduler ADDRESS (e.g. tcp://10.0.0.5:8786)")
+
+
+def _retire_limit(text: str) -> RetireLimit:
+    try:
+        return RetireLimit.parse(text)
+    except ValueError as error:
+        raise PrepError(f"--max-retire {error}") from None
 
 
 def _check_labels_continuity(connection, labels: Labels, out: Path) -> None:
@@ -507,17 +618,21 @@ def write_report(path: Path, report: Report) -> None:
         atomic_write_text(target, text)
 
 
-def exit_code(report: Report, strict: bool) -> int:
-    """0 also when some files were rejected; 1 with --strict while the catalog holds a rejected file
-    (from this run or an earlier one), when no image was found, or when this run had files to process
-    and could store none of them."""
+def failure(report: Report, strict: bool) -> str | None:
+    """Why a completed run exits 1 (None: exit 0, also when some files were rejected or unreadable):
+    with --strict while the catalog holds a rejected file (from this run or an earlier one) or this run
+    could not read a folder or file; when no image was found and nothing was retired either; or when
+    this run had files to process and could store none of them."""
     if strict and (report.counts["rejected"] or report.rejected_total):
-        return EXIT_FAILED
-    if report.found == 0 and report.counts["excluded"] == 0:
-        return EXIT_FAILED
+        return f"failed: --strict and {report.rejected_total} file(s) are rejected (vsam shards info lists them)"
+    if strict and report.unreadable:
+        return f"failed: --strict and {len(report.unreadable)} folder(s) or file(s) could not be read"
+    if report.found == 0 and report.counts["excluded"] == 0 and report.counts["deleted"] == 0:
+        return f"failed: no image found under {report.images}"
     if report.counts["rejected"] and report.stored == 0:
-        return EXIT_FAILED
-    return EXIT_OK
+        return "failed: nothing could be processed"
+    return None
+
 
 
 def catalog_problems(out: str | os.PathLike, images: str | os.PathLike, splits: tuple[str, ...] | None = None,

@@ -18,8 +18,8 @@ import pytest
 
 import bad_images
 from pose_prep import lock
-from pose_prep.prep import PrepError, PrepOptions, catalog_problems, run
-from pose_prep.shard_format import Shard, collection_info, live_items, verify_shard
+from pose_prep.prep import PrepError, PrepOptions, RetireLimit, catalog_problems, run
+from pose_prep.shard_format import Shard, collection_info, live_items, open_index, verify_shard
 
 VSAM = str(Path(sys.executable).with_name("vsam"))
 # Train, val, test and one image that no split file lists.
@@ -260,3 +260,124 @@ def test_a_held_lock_blocks_at_once(tmp_path, kill_catalog):
             prep(kill_catalog, out)
         assert time.monotonic() - started < 1.0
     assert not lock.is_locked(out)
+
+
+# --- the retire guard: what a run may retire, and only what it positively saw gone ------------
+
+def collection_state(out: Path) -> tuple:
+    """Everything a refused run must leave as it was: live items, index rows, shard files."""
+    with open_index(out, readonly=True) as connection:
+        rows = sorted(connection.execute("SELECT path, size, mtime_ns, sha256, status, shard_id, row FROM files"))
+    return sorted((i["path"], i["shard"], i["row"]) for i in live_items(out)), rows, shard_files(out)
+
+
+@pytest.fixture(scope="module")
+def built_ten(tmp_path_factory, shared_data) -> tuple[Path, Path]:
+    """Ten photos and the collection built from them (copy both before changing anything)."""
+    root = tmp_path_factory.mktemp("guard")
+    images = copy_photos(shared_data, root / "img", SUBSET)
+    assert prep(images, root / "shards", shard_size=4).exit_code == 0
+    return images, root / "shards"
+
+
+def copy_built(built: tuple[Path, Path], tmp_path: Path) -> tuple[Path, Path]:
+    images, out = built
+    shutil.copytree(images, tmp_path / "img")
+    shutil.copytree(out, tmp_path / "shards")
+    return tmp_path / "img", tmp_path / "shards"
+
+
+def test_an_empty_images_folder_changes_nothing_and_exits_1_until_max_retire_100(tmp_path, built_ten):
+    images, out = copy_built(built_ten, tmp_path)
+    before = collection_state(out)
+    for path in images.iterdir():                # an unmounted share: the mount point is an empty folder
+        path.unlink()
+    result = subprocess.run([VSAM, "prep-pose", "--images", str(images), "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert "refused: no image found under" in result.stderr and "10 live items" in result.stderr
+    assert "nothing was changed" in result.stderr and "--max-retire 100%" in result.stderr
+    assert collection_state(out) == before                       # no row retired, no shard deleted
+    report = json.loads((out / "reports" / "latest.json").read_text())
+    assert (report["status"], report["exit_code"], report["would_retire"], report["max_retire"]) == \
+        ("refused", 1, 10, "10%")
+    assert "no image found" in report["error"] and report["counts"]["deleted"] == 0
+
+    result = subprocess.run([VSAM, "prep-pose", "--images", str(images), "--out", str(out), "--no-progress",
+                             "--max-retire", "100%"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr                   # asked for: the catalog is really empty
+    assert "10 deleted" in result.stdout and "0 items live" in result.stdout
+    assert list(out.glob("shard-*.h5")) == []
+
+
+def test_retiring_more_than_the_limit_is_refused_before_anything_changes(tmp_path, built_ten, shared_data):
+    images, out = copy_built(built_ten, tmp_path)
+    for name in ("00000.jpg", "00001.jpg", "00002.jpg"):         # 3 of 10 gone: 30% > 10%
+        (images / name).unlink()
+    copy_photos(shared_data, images, ["00010"])                  # and one new photo
+    before = collection_state(out)
+    refused = prep(images, out)
+    assert (refused.status, refused.exit_code, refused.would_retire, refused.stored) == ("refused", 1, 3, 0)
+    assert "would retire 3 of 10 live items (30% > --max-retire 10%)" in refused.error
+    assert collection_state(out) == before                       # the new photo waits too: nothing written
+    assert prep(images, out, max_retire="2").status == "refused"
+    done = prep(images, out, max_retire="3")
+    assert (done.exit_code, done.counts["deleted"], done.counts["new"], done.items_total) == (0, 3, 1, 8)
+    assert catalog_problems(out, images) == []
+
+
+def test_a_smaller_splits_selection_counts_as_retiring(tmp_path, built_ten, shared_data):
+    images, out = copy_built(built_ten, tmp_path)
+    labels = shared_data / "deepfashion-attr"
+    assert prep(images, out, labels=labels, max_retire="100%").exit_code == 0   # relabel everything first
+    before = collection_state(out)
+    narrowed = prep(images, out, labels=labels, splits=("train",))               # drops val, test, none: 4 of 10
+    assert narrowed.status == "refused" and narrowed.would_retire == 4
+    assert collection_state(out) == before
+
+
+def test_max_retire_reads_a_share_or_a_count():
+    share, count, everything, none = (RetireLimit.parse(t) for t in ("10%", "500", "100%", "0"))
+    assert [str(limit) for limit in (share, count, everything, none)] == ["10%", "500", "100%", "0"]
+    assert share.allows(1, live=10) and not share.allows(2, live=10)        # more than 10% is refused
+    assert count.allows(500, live=10 ** 6) and not count.allows(501, live=10 ** 6)
+    assert everything.allows(10, live=10) and none.allows(0, live=10) and not none.allows(1, live=10)
+    assert RetireLimit.parse("12.5%").allows(1, live=8) and not RetireLimit.parse("12.5%").allows(2, live=8)
+
+
+@pytest.mark.parametrize("text", ["", "ten", "-1", "101%", "5.5", "%"])
+def test_max_retire_refuses_what_is_not_a_share_or_a_count(text):
+    with pytest.raises(ValueError, match="a share of the live items like 10% or a count like 500"):
+        RetireLimit.parse(text)
+
+
+def without_file_permission_override() -> list[str]:
+    """As root a mode 000 folder is still readable: run without CAP_DAC_OVERRIDE, as cron's user would."""
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o644])   # not listable; listable but its files cannot be stat'ed
+def test_an_unreadable_subfolder_keeps_its_items_and_the_rest_goes_on(tmp_path, shared_data, mode):
+    images, out = tmp_path / "img", tmp_path / "shards"
+    copy_photos(shared_data, images / "tops", SUBSET[:3])
+    copy_photos(shared_data, images / "dresses", SUBSET[3:6])
+    assert prep(images, out).exit_code == 0
+    copy_photos(shared_data, images / "tops", ["00010"])
+    (images / "dresses").chmod(mode)
+    try:
+        result = subprocess.run([*without_file_permission_override(), VSAM, "prep-pose", "--images", str(images),
+                                 "--out", str(out), "--no-progress", "--detector", "blazepose", "--max-retire", "100%"],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        (images / "dresses").chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert "unreadable: dresses" in result.stderr and "Permission denied" in result.stderr
+    assert "1 new" in result.stdout and "0 deleted" in result.stdout and "7 items live" in result.stdout
+    report = json.loads((out / "reports" / "latest.json").read_text())
+    assert report["counts"]["unreadable"] == 3 and report["rejected"] == []
+    assert {i["path"] for i in live_items(out)} == {f"{d}/{n}.jpg" for d, ns in
+                                                    (("tops", SUBSET[:3] + ["00010"]), ("dresses", SUBSET[3:6]))
+                                                    for n in ns}
+    again = prep(images, out)                                    # readable again: nothing to redo
+    assert (again.counts["unchanged"], again.processed, again.counts["unreadable"]) == (7, 0, 0)
+    assert catalog_problems(out, images) == []
