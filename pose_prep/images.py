@@ -3,11 +3,21 @@
 Every way an image can be bad ends in one `BadImage` that names the file and the reason, so a batch
 job can record it and go on. Decoding applies the EXIF orientation (keypoints must match the pixels
 people see) and brings every mode (CMYK, grayscale, palette, RGBA, 16-bit) to 8-bit RGB.
+
+File names: every command that walks a folder (pose, prep-pose, predict, explain) takes its list
+from `catalog_images`, so that all of them name files alike. A relative path that is valid UTF-8 is
+written as it is (JSON escapes what it must, HTML is escaped). A path that is not valid UTF-8 (bytes
+a Latin-1 or Windows tool wrote) cannot be written into a UTF-8 output, nor stored as an item or
+joined to a catalog by name, so the file is rejected with NAME_NOT_UTF8; outputs write its name with
+the undecodable bytes as \\xNN escapes (`caf\\xe9.jpg`), which shows a person which file to rename
+but is not a name that opens anything. One-line messages (stderr, gallery text) show any name through
+`printable_name`, so that a newline in a name cannot split a line.
 """
 from __future__ import annotations
 
 import io
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +26,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+NAME_NOT_UTF8 = "file name is not valid UTF-8"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 # A catalog photo is a few megapixels; anything far beyond is a decompression bomb.
 MAX_PIXELS = 50_000_000
@@ -50,6 +61,39 @@ def find_images(root: str | os.PathLike, on_error: Callable[[OSError], None] | N
         subfolders.sort()
         found.extend(Path(folder) / name for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES)
     return sorted(found)
+
+
+@dataclass(frozen=True)
+class CatalogImage:
+    path: Path               # the file (opens it, whatever its name)
+    name: str                # its path relative to the root, POSIX separators, as outputs write it: valid UTF-8
+    reason: str | None       # NAME_NOT_UTF8 when the file must be rejected for its name, else None
+
+
+def catalog_images(root: str | os.PathLike, on_error: Callable[[OSError], None] | None = None) -> list[CatalogImage]:
+    """`find_images(root)` with the name each command writes for each file (see the module docstring)."""
+    root = Path(root)
+    found = []
+    for path in find_images(root, on_error):
+        relative = path.relative_to(root).as_posix()
+        try:
+            relative.encode("utf-8")
+        except UnicodeEncodeError:    # os.walk decoded the undecodable bytes as lone surrogates
+            found.append(CatalogImage(path, printable_name(relative), NAME_NOT_UTF8))
+        else:
+            found.append(CatalogImage(path, relative, None))
+    return found
+
+
+def printable_name(name: str) -> str:
+    """`name` for a one-line, UTF-8 message: bytes that are not UTF-8 (surrogate-escaped, as os.walk
+    gives them) as \\xNN, control characters (newline, tab, ...) as Python writes them (\\n, \\t)."""
+    try:
+        text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:        # a surrogate no file system returns: escape it as it is
+        text = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) == "Cc" else c
+                   for c in text)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
