@@ -137,7 +137,9 @@ def _checksum(array: np.ndarray) -> str:
 
 
 def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadata) -> None:
-    """Write a complete shard atomically: temporary file, fsync, rename, fsync of the folder."""
+    """Write a complete shard atomically: temporary file, fsync, rename, fsync of the folder. The
+    temporary file is `.shard-NNNNNN.h5.tmp` (the writer holds the folder's lock), the name
+    `remove_orphans` removes after a kill."""
     path = Path(path)
     if not items:
         raise ValueError("a shard holds at least one item")
@@ -147,7 +149,7 @@ def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadat
         if np.shape(item.keypoints) != (NUM_JOINTS, 3):
             raise ValueError(f"{item.path}: keypoints must be ({NUM_JOINTS}, 3)")
     arrays = _item_arrays(items, len(metadata.vocabulary.attributes))
-    with atomic_path(path, durable=True) as temporary, h5py.File(temporary, "w") as f:
+    with atomic_path(path, durable=True, single_writer=True) as temporary, h5py.File(temporary, "w") as f:
         for name in ITEM_DATASETS:
             array = arrays[name]
             if name == "path":
