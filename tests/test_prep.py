@@ -3,6 +3,7 @@ relabelling, the bad-file zoo, real kill -9 of real processes, two concurrent ru
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -264,6 +265,18 @@ def test_a_held_lock_blocks_at_once(tmp_path, kill_catalog):
 
 # --- the retire guard: what a run may retire, and only what it positively saw gone ------------
 
+_PHOTO_SIZES = itertools.count(64, 4)
+
+
+def write_photos(folder: Path, names) -> Path:
+    """Real photos (matplotlib's and scikit-image's portraits) under `names`, each file its own bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        side = next(_PHOTO_SIZES)
+        (bad_images.grace_hopper if side % 8 else bad_images.astronaut)(side).save(folder / name, quality=90)
+    return folder
+
+
 def collection_state(out: Path) -> tuple:
     """Everything a refused run must leave as it was: live items, index rows, shard files."""
     with open_index(out, readonly=True) as connection:
@@ -271,11 +284,14 @@ def collection_state(out: Path) -> tuple:
     return sorted((i["path"], i["shard"], i["row"]) for i in live_items(out)), rows, shard_files(out)
 
 
+TEN = [f"{n:02d}.jpg" for n in range(10)]
+
+
 @pytest.fixture(scope="module")
-def built_ten(tmp_path_factory, shared_data) -> tuple[Path, Path]:
+def built_ten(tmp_path_factory) -> tuple[Path, Path]:
     """Ten photos and the collection built from them (copy both before changing anything)."""
     root = tmp_path_factory.mktemp("guard")
-    images = copy_photos(shared_data, root / "img", SUBSET)
+    images = write_photos(root / "img", TEN)
     assert prep(images, root / "shards", shard_size=4).exit_code == 0
     return images, root / "shards"
 
@@ -310,11 +326,11 @@ def test_an_empty_images_folder_changes_nothing_and_exits_1_until_max_retire_100
     assert list(out.glob("shard-*.h5")) == []
 
 
-def test_retiring_more_than_the_limit_is_refused_before_anything_changes(tmp_path, built_ten, shared_data):
+def test_retiring_more_than_the_limit_is_refused_before_anything_changes(tmp_path, built_ten):
     images, out = copy_built(built_ten, tmp_path)
-    for name in ("00000.jpg", "00001.jpg", "00002.jpg"):         # 3 of 10 gone: 30% > 10%
+    for name in TEN[:3]:                                          # 3 of 10 gone: 30% > 10%
         (images / name).unlink()
-    copy_photos(shared_data, images, ["00010"])                  # and one new photo
+    write_photos(images, ["new.jpg"])                            # and one new photo
     before = collection_state(out)
     refused = prep(images, out)
     assert (refused.status, refused.exit_code, refused.would_retire, refused.stored) == ("refused", 1, 3, 0)
@@ -326,13 +342,15 @@ def test_retiring_more_than_the_limit_is_refused_before_anything_changes(tmp_pat
     assert catalog_problems(out, images) == []
 
 
-def test_a_smaller_splits_selection_counts_as_retiring(tmp_path, built_ten, shared_data):
+def test_a_smaller_splits_selection_counts_as_retiring(tmp_path, built_ten):
     images, out = copy_built(built_ten, tmp_path)
-    labels = shared_data / "deepfashion-attr"
-    assert prep(images, out, labels=labels, max_retire="100%").exit_code == 0   # relabel everything first
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,category,attributes,split\n" + "".join(
+        f"{name},Tee,,{'train' if i < 7 else 'val'}\n" for i, name in enumerate(TEN)))
+    assert prep(images, out, labels=labels).exit_code == 0        # relabelled: nothing retired
     before = collection_state(out)
-    narrowed = prep(images, out, labels=labels, splits=("train",))               # drops val, test, none: 4 of 10
-    assert narrowed.status == "refused" and narrowed.would_retire == 4
+    narrowed = prep(images, out, labels=labels, splits=("train",))               # drops the 3 val items: 30%
+    assert narrowed.status == "refused" and narrowed.would_retire == 3
     assert collection_state(out) == before
 
 
@@ -357,12 +375,12 @@ def without_file_permission_override() -> list[str]:
 
 
 @pytest.mark.parametrize("mode", [0o000, 0o644])   # not listable; listable but its files cannot be stat'ed
-def test_an_unreadable_subfolder_keeps_its_items_and_the_rest_goes_on(tmp_path, shared_data, mode):
+def test_an_unreadable_subfolder_keeps_its_items_and_the_rest_goes_on(tmp_path, mode):
     images, out = tmp_path / "img", tmp_path / "shards"
-    copy_photos(shared_data, images / "tops", SUBSET[:3])
-    copy_photos(shared_data, images / "dresses", SUBSET[3:6])
+    write_photos(images / "tops", TEN[:3])
+    write_photos(images / "dresses", TEN[3:6])
     assert prep(images, out).exit_code == 0
-    copy_photos(shared_data, images / "tops", ["00010"])
+    write_photos(images / "tops", ["new.jpg"])
     (images / "dresses").chmod(mode)
     try:
         result = subprocess.run([*without_file_permission_override(), VSAM, "prep-pose", "--images", str(images),
@@ -375,8 +393,8 @@ def test_an_unreadable_subfolder_keeps_its_items_and_the_rest_goes_on(tmp_path, 
     assert "1 new" in result.stdout and "0 deleted" in result.stdout and "7 items live" in result.stdout
     report = json.loads((out / "reports" / "latest.json").read_text())
     assert report["counts"]["unreadable"] == 3 and report["rejected"] == []
-    assert {i["path"] for i in live_items(out)} == {f"{d}/{n}.jpg" for d, ns in
-                                                    (("tops", SUBSET[:3] + ["00010"]), ("dresses", SUBSET[3:6]))
+    assert {i["path"] for i in live_items(out)} == {f"{d}/{n}" for d, ns in
+                                                    (("tops", TEN[:3] + ["new.jpg"]), ("dresses", TEN[3:6]))
                                                     for n in ns}
     again = prep(images, out)                                    # readable again: nothing to redo
     assert (again.counts["unchanged"], again.processed, again.counts["unreadable"]) == (7, 0, 0)
