@@ -11,6 +11,7 @@ from PIL import Image
 
 from cli import main as vsam
 from pose_prep.shard_format import Shard, collection_vocabulary, live_rows, verify_collection
+from vsam_train.evaluate import predict_split
 from vsam_train.experiments.label_noise import choose_dropped
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,6 +27,54 @@ def _labels_by_path(folder: Path, split: str) -> dict[str, np.ndarray]:
             data = shard.read(("path", "attributes"))
         found.update({data["path"][row]: data["attributes"][row] for row in rows})
     return found
+
+
+def _categories_by_path(folder: Path, split: str) -> dict[str, int]:
+    found = {}
+    for shard_path, rows in live_rows(folder, (split,)).items():
+        with Shard(shard_path) as shard:
+            data = shard.read(("path", "category"))
+        found.update({data["path"][row]: int(data["category"][row]) for row in rows})
+    return found
+
+
+def _auc(positives, negatives) -> float:
+    """The chance that a positive outscores a negative (ties half), over every pair."""
+    pairs = [(a > b) + 0.5 * (a == b) for a in positives for b in negatives]
+    return sum(pairs) / len(pairs)
+
+
+def _check_training_groups(out: Path, shards: Path, model: str, attribute: int, dropped: list[str],
+                           figures: dict, category: int | None = None) -> None:
+    """The report's dropped / kept positives / negatives against the checkpoint's own scores of
+    the original training split, grouped again here by path, label and category."""
+    scored, _ = predict_split(out / model / "checkpoints" / "last.pt", shards, "train", workers=0)
+    groups = {"dropped": [], "kept_positives": [], "negatives": []}
+    for path, scores, labels, item_category in zip(scored["paths"], scored["attribute_scores"],
+                                                   scored["attribute_labels"], scored["category_labels"]):
+        if category is not None and item_category != category:
+            continue
+        if labels[attribute] == 1:
+            groups["dropped" if path in dropped else "kept_positives"].append(float(scores[attribute]))
+        elif labels[attribute] == 0:
+            groups["negatives"].append(float(scores[attribute]))
+    train = figures["train"]
+    for name, scores in groups.items():
+        assert train[name]["n"] == len(scores), name
+        assert train[name]["mean"] == pytest.approx(np.mean(scores), abs=1e-6), name
+        assert train[name]["median"] == pytest.approx(np.median(scores), abs=1e-6), name
+        assert sum(train[name]["histogram_counts"]) == len(scores)
+        assert train[name]["at_or_above"]["0.5"] == pytest.approx(np.mean([v >= 0.5 for v in scores]))
+    assert sorted(train["dropped"]["scores"]) == pytest.approx(sorted(groups["dropped"]), abs=1e-6)
+    assert train["AUC_dropped_vs_negatives"] == pytest.approx(_auc(groups["dropped"], groups["negatives"]), abs=1e-6)
+    assert train["AUC_dropped_vs_kept_positives"] == pytest.approx(
+        _auc(groups["dropped"], groups["kept_positives"]), abs=1e-6)
+
+
+def _assert_png(path: Path) -> None:
+    with Image.open(path) as figure:
+        figure.load()
+        assert figure.format == "PNG" and figure.width > figure.height > 200
 
 
 def test_label_noise_end_to_end_writes_the_figure_and_recalls(df_shards, tmp_path):
@@ -68,9 +117,12 @@ def test_label_noise_end_to_end_writes_the_figure_and_recalls(df_shards, tmp_pat
         assert figures["recall"] == {f"{t:.1f}": pytest.approx(float((scores >= t).mean())) for t in (0.4, 0.5, 0.6)}
         assert sum(figures["histogram"]["counts"]) == len(scores) and len(figures["histogram"]["edges"]) == 21
         assert 0 <= figures["AP"] <= 1
-    with Image.open(out / "label_noise.png") as figure:
-        figure.load()
-        assert figure.format == "PNG" and figure.width > figure.height > 200
+        _check_training_groups(out, df_shards, model, attribute, noise["dropped_paths"], figures)
+        assert figures["train"]["dropped"]["n"] == n_dropped
+        assert figures["train"]["kept_positives"]["n"] == train_positives[attribute] - n_dropped
+    _assert_png(out / "label_noise.png")
+    _assert_png(out / "label_noise_dropped.png")
+    assert report["category"] is None and noise["category"] is None
 
     again = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(df_shards), "--attribute", name,
                                       "--out", str(out), *TINY_RUN])
@@ -92,3 +144,115 @@ def test_an_unknown_attribute_is_named(df_shards, tmp_path):
     result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(df_shards),
                                        "--attribute", "paisley", "--out", str(tmp_path / "x"), *TINY_RUN])
     assert result.exit_code == 1 and "has no attribute 'paisley'" in result.output
+
+
+# --- the paper's setting: drop within one category ------------------------------------------
+
+CATEGORIES = [("Jacket", 1), ("Dress", 3)]           # names and types as in DeepFashion's list_category_cloth.txt
+ATTRIBUTES = [("floral", 1), ("long sleeve", 4)]     # ... and list_attr_cloth.txt
+
+
+def _benchmark_plan():
+    """(split, category index, [floral, long sleeve] as the benchmark writes them: 1 / -1 / 0) per
+    item: train 24 Jacket (16 long-sleeved, 7 not, 1 unknown) and 16 Dress (8 and 8), val 8 Jacket
+    (4 long-sleeved) and 8 Dress (4)."""
+    plan = []
+    for i in range(24):
+        plan.append(("train", 0, [1 if i % 3 == 0 else -1, 1 if i < 16 else (0 if i == 23 else -1)]))
+    for i in range(16):
+        plan.append(("train", 1, [-1, 1 if i % 2 else -1]))
+    for i in range(16):
+        plan.append(("val", i // 8, [-1, 1 if i % 2 else -1]))
+    return plan
+
+
+def _table(path: Path, header: str, rows: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{len(rows)}\n{header}\n" + "".join(row + "\n" for row in rows))
+
+
+@pytest.fixture(scope="module")
+def benchmark_shards(tmp_path_factory, df_shards) -> Path:
+    """A real collection in the DeepFashion benchmark format, built by `pose_prep.prep`: the photos
+    `df_shards` stores (its JPEG bytes), under img/<item folder>/, with categories and attributes
+    from `_benchmark_plan` in the benchmark's label files (count line, header line, rows)."""
+    from pose_prep.prep import PrepOptions, run
+
+    photos = []
+    for split in ("train", "val"):
+        for shard_path, rows in live_rows(df_shards, (split,)).items():
+            with Shard(shard_path) as shard:
+                photos += [shard.image(int(row)) for row in rows]
+    root = tmp_path_factory.mktemp("benchmark") / "deepfashion"
+    rows = {"category": [], "attr": [], "partition": []}
+    for k, (split, category, attributes) in enumerate(_benchmark_plan()):
+        name = f"img/Sheer_{CATEGORIES[category][0]}_{k // 2}/img_{k % 2 + 1:08d}.jpg"
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(photos[k])
+        rows["category"].append(f"{name:<64}{category + 1}")
+        rows["attr"].append(f"{name:<64}" + " ".join(f"{v:2d}" for v in attributes))
+        rows["partition"].append(f"{name:<64}{split}")
+    _table(root / "Anno" / "list_category_cloth.txt", "category_name  category_type",
+           [f"{name:<15}{kind}" for name, kind in CATEGORIES])
+    _table(root / "Anno" / "list_attr_cloth.txt", "attribute_name  attribute_type",
+           [f"{name:<29}{kind}" for name, kind in ATTRIBUTES])
+    _table(root / "Anno" / "list_category_img.txt", "image_name  category_label", rows["category"])
+    _table(root / "Anno" / "list_attr_img.txt", "image_name  attribute_labels", rows["attr"])
+    _table(root / "Eval" / "list_eval_partition.txt", "image_name  evaluation_status", rows["partition"])
+    out = root.parent / "shards"
+    report = run(PrepOptions(images=root, labels=root, labels_format="deepfashion", out=out, shard_size=40,
+                             max_side=128, progress=False))
+    assert report.exit_code == 0, report
+    return out
+
+
+def test_label_noise_within_a_category_drops_and_compares_only_its_items(benchmark_shards, tmp_path):
+    vocabulary = collection_vocabulary(benchmark_shards)
+    assert vocabulary.categories == ["Jacket", "Dress"] and vocabulary.attributes == ["floral", "long sleeve"]
+    out = tmp_path / "experiment"
+    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(benchmark_shards),
+                                       "--attribute", "long sleeve", "--category", "Jacket", "--drop", "0.5",
+                                       "--out", str(out), *TINY_RUN])
+    assert result.exit_code == 0, result.output
+    assert "long sleeve among Jacket: 8 of 16 training positives dropped; 4 val positives" in result.output
+    assert "AUC dropped vs negatives" in result.output
+
+    noise = json.loads((out / "noise.json").read_text())
+    assert noise["category"] == "Jacket" and noise["items"] == 24 and noise["positives"] == 16
+    categories = _categories_by_path(benchmark_shards, "train")
+    train = _labels_by_path(benchmark_shards, "train")
+    assert noise["dropped"] == len(noise["dropped_paths"]) == 8
+    assert all(categories[path] == 0 and train[path][1] == 1 for path in noise["dropped_paths"])
+    # Dress items keep every label; only the listed Jacket labels change
+    noisy = _labels_by_path(out / "shards", "train")
+    for path, labels in train.items():
+        expected = labels.copy()
+        if path in noise["dropped_paths"]:
+            expected[1] = 0
+        np.testing.assert_array_equal(noisy[path], expected)
+
+    report = json.loads((out / "label_noise.json").read_text())
+    assert (report["category"], report["train_items"], report["eval_items"], report["eval_positives"]) == \
+        ("Jacket", 24, 8, 4)
+    for model, figures in report["models"].items():
+        assert figures["n_true_positives"] == 4           # held-out long-sleeved Jackets only
+        assert (figures["train"]["dropped"]["n"], figures["train"]["kept_positives"]["n"],
+                figures["train"]["negatives"]["n"]) == (8, 8, 7)   # the unknown one left out
+        _check_training_groups(out, benchmark_shards, model, 1, noise["dropped_paths"], figures, category=0)
+    _assert_png(out / "label_noise_dropped.png")
+    _assert_png(out / "label_noise.png")
+
+
+def test_a_category_the_collection_lacks_is_named(benchmark_shards, df_shards, tmp_path):
+    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(benchmark_shards),
+                                       "--attribute", "long sleeve", "--category", "Coat",
+                                       "--out", str(tmp_path / "a"), *TINY_RUN])
+    assert result.exit_code == 1 and "has no category 'Coat'; it has Jacket, Dress" in result.output
+    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(benchmark_shards),
+                                       "--attribute", "floral", "--category", "Dress",
+                                       "--out", str(tmp_path / "b"), *TINY_RUN])
+    assert result.exit_code == 1 and "no train item of category 'Dress' is labelled 'floral'" in result.output
+    name = collection_vocabulary(df_shards).attributes[0]
+    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(df_shards), "--attribute", name,
+                                       "--category", "Jacket", "--out", str(tmp_path / "c"), *TINY_RUN])
+    assert result.exit_code == 1 and "has no categories" in result.output
