@@ -124,3 +124,19 @@ def df_val_images(tmp_path_factory, df_shards) -> Path:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(shard.image(int(row)))
     return folder
+
+
+@pytest.fixture(scope="session")
+def category_shards(tmp_path_factory, df_shards) -> Path:
+    """A real collection with categories (Jacket, Dress) and attributes (floral, long sleeve) in the
+    DeepFashion benchmark format, built by `pose_prep.prep` from 56 of `df_shards`' photos: 40 train,
+    16 val (tests/category_collection.py has the labels). Read-only."""
+    import category_collection
+
+    return category_collection.build(tmp_path_factory.mktemp("category-collection"), df_shards)
+
+
+@pytest.fixture(scope="session")
+def tiny_category_checkpoint(tmp_path_factory, category_shards) -> Path:
+    """checkpoints/last.pt of a tiny VSAM with a category head trained 1 epoch on `category_shards`. Read-only."""
+    return _train_tiny(category_shards, tmp_path_factory.mktemp("tiny-category") / "run", "vsam", 1)

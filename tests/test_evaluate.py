@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
 from cli import main as vsam
 from pose_prep.shard_format import Vocabulary, collection_vocabulary
@@ -63,6 +63,33 @@ def test_eval_ap_is_the_mean_of_scikit_learn_ap_over_the_scored_items(tiny_check
     expected = np.mean([average_precision_score(labels[:, a] == 1, scored["attribute_scores"][:, a])
                         for a in range(labels.shape[1]) if (labels[:, a] == 1).any()])
     assert json.loads(out.read_text())["AP"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_eval_reports_category_precision_recall_f1_as_scikit_learn_computes_them(
+        tiny_category_checkpoint, category_shards, tmp_path):
+    out = tmp_path / "val.json"
+    result = CliRunner().invoke(vsam, ["eval", "--checkpoint", str(tiny_category_checkpoint), "--shards",
+                                       str(category_shards), "--json", str(out), "--workers", "0",
+                                       "--per-attribute"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for row in ("category precision", "category recall", "category F1", "Jacket", "Dress"):
+        assert any(line.startswith(row) for line in lines), row
+    assert "category (16 labelled items):  top-1 accuracy" in result.output
+
+    metrics = _strict_json(out.read_text())
+    scored, _ = predict_split(tiny_category_checkpoint, category_shards, "val")
+    y_true = scored["category_labels"].tolist()
+    logits = scored["category_logits"]
+    y_pred = [max(range(logits.shape[1]), key=lambda c: (logits[i, c], -c)) for i in range(len(y_true))]
+    for average in ("macro", "weighted"):
+        expected = precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)[:3]
+        assert [metrics[f"category_{name}_{average}"] for name in ("precision", "recall", "f1")] == \
+            pytest.approx(list(expected), abs=1e-9), average
+    assert [row["name"] for row in metrics["per_category"]] == ["Jacket", "Dress"]
+    assert [row["support"] for row in metrics["per_category"]] == [8, 8]
+    assert metrics["category_top1"] == pytest.approx(np.mean(np.array(y_pred) == np.array(y_true)))
+    assert "zero_division=0" in metrics["protocols"]["category_f1_macro"]
 
 
 def test_an_empty_split_an_unreadable_checkpoint_and_other_labels_are_named(tiny_checkpoint, df_shards, tmp_path):

@@ -146,71 +146,13 @@ def test_an_unknown_attribute_is_named(df_shards, tmp_path):
     assert result.exit_code == 1 and "has no attribute 'paisley'" in result.output
 
 
-# --- the paper's setting: drop within one category ------------------------------------------
+# --- the paper's setting: drop within one category (category_collection.py) ---------------
 
-CATEGORIES = [("Jacket", 1), ("Dress", 3)]           # names and types as in DeepFashion's list_category_cloth.txt
-ATTRIBUTES = [("floral", 1), ("long sleeve", 4)]     # ... and list_attr_cloth.txt
-
-
-def _benchmark_plan():
-    """(split, category index, [floral, long sleeve] as the benchmark writes them: 1 / -1 / 0) per
-    item: train 24 Jacket (16 long-sleeved, 7 not, 1 unknown) and 16 Dress (8 and 8), val 8 Jacket
-    (4 long-sleeved) and 8 Dress (4)."""
-    plan = []
-    for i in range(24):
-        plan.append(("train", 0, [1 if i % 3 == 0 else -1, 1 if i < 16 else (0 if i == 23 else -1)]))
-    for i in range(16):
-        plan.append(("train", 1, [-1, 1 if i % 2 else -1]))
-    for i in range(16):
-        plan.append(("val", i // 8, [-1, 1 if i % 2 else -1]))
-    return plan
-
-
-def _table(path: Path, header: str, rows: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{len(rows)}\n{header}\n" + "".join(row + "\n" for row in rows))
-
-
-@pytest.fixture(scope="module")
-def benchmark_shards(tmp_path_factory, df_shards) -> Path:
-    """A real collection in the DeepFashion benchmark format, built by `pose_prep.prep`: the photos
-    `df_shards` stores (its JPEG bytes), under img/<item folder>/, with categories and attributes
-    from `_benchmark_plan` in the benchmark's label files (count line, header line, rows)."""
-    from pose_prep.prep import PrepOptions, run
-
-    photos = []
-    for split in ("train", "val"):
-        for shard_path, rows in live_rows(df_shards, (split,)).items():
-            with Shard(shard_path) as shard:
-                photos += [shard.image(int(row)) for row in rows]
-    root = tmp_path_factory.mktemp("benchmark") / "deepfashion"
-    rows = {"category": [], "attr": [], "partition": []}
-    for k, (split, category, attributes) in enumerate(_benchmark_plan()):
-        name = f"img/Sheer_{CATEGORIES[category][0]}_{k // 2}/img_{k % 2 + 1:08d}.jpg"
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(photos[k])
-        rows["category"].append(f"{name:<64}{category + 1}")
-        rows["attr"].append(f"{name:<64}" + " ".join(f"{v:2d}" for v in attributes))
-        rows["partition"].append(f"{name:<64}{split}")
-    _table(root / "Anno" / "list_category_cloth.txt", "category_name  category_type",
-           [f"{name:<15}{kind}" for name, kind in CATEGORIES])
-    _table(root / "Anno" / "list_attr_cloth.txt", "attribute_name  attribute_type",
-           [f"{name:<29}{kind}" for name, kind in ATTRIBUTES])
-    _table(root / "Anno" / "list_category_img.txt", "image_name  category_label", rows["category"])
-    _table(root / "Anno" / "list_attr_img.txt", "image_name  attribute_labels", rows["attr"])
-    _table(root / "Eval" / "list_eval_partition.txt", "image_name  evaluation_status", rows["partition"])
-    out = root.parent / "shards"
-    report = run(PrepOptions(images=root, labels=root, labels_format="deepfashion", out=out, shard_size=40,
-                             max_side=128, progress=False))
-    assert report.exit_code == 0, report
-    return out
-
-
-def test_label_noise_within_a_category_drops_and_compares_only_its_items(benchmark_shards, tmp_path):
-    vocabulary = collection_vocabulary(benchmark_shards)
+def test_label_noise_within_a_category_drops_and_compares_only_its_items(category_shards, tmp_path):
+    vocabulary = collection_vocabulary(category_shards)
     assert vocabulary.categories == ["Jacket", "Dress"] and vocabulary.attributes == ["floral", "long sleeve"]
     out = tmp_path / "experiment"
-    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(benchmark_shards),
+    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(category_shards),
                                        "--attribute", "long sleeve", "--category", "Jacket", "--drop", "0.5",
                                        "--out", str(out), *TINY_RUN])
     assert result.exit_code == 0, result.output
@@ -219,8 +161,8 @@ def test_label_noise_within_a_category_drops_and_compares_only_its_items(benchma
 
     noise = json.loads((out / "noise.json").read_text())
     assert noise["category"] == "Jacket" and noise["items"] == 24 and noise["positives"] == 16
-    categories = _categories_by_path(benchmark_shards, "train")
-    train = _labels_by_path(benchmark_shards, "train")
+    categories = _categories_by_path(category_shards, "train")
+    train = _labels_by_path(category_shards, "train")
     assert noise["dropped"] == len(noise["dropped_paths"]) == 8
     assert all(categories[path] == 0 and train[path][1] == 1 for path in noise["dropped_paths"])
     # Dress items keep every label; only the listed Jacket labels change
@@ -238,17 +180,17 @@ def test_label_noise_within_a_category_drops_and_compares_only_its_items(benchma
         assert figures["n_true_positives"] == 4           # held-out long-sleeved Jackets only
         assert (figures["train"]["dropped"]["n"], figures["train"]["kept_positives"]["n"],
                 figures["train"]["negatives"]["n"]) == (8, 8, 7)   # the unknown one left out
-        _check_training_groups(out, benchmark_shards, model, 1, noise["dropped_paths"], figures, category=0)
+        _check_training_groups(out, category_shards, model, 1, noise["dropped_paths"], figures, category=0)
     _assert_png(out / "label_noise_dropped.png")
     _assert_png(out / "label_noise.png")
 
 
-def test_a_category_the_collection_lacks_is_named(benchmark_shards, df_shards, tmp_path):
-    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(benchmark_shards),
+def test_a_category_the_collection_lacks_is_named(category_shards, df_shards, tmp_path):
+    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(category_shards),
                                        "--attribute", "long sleeve", "--category", "Coat",
                                        "--out", str(tmp_path / "a"), *TINY_RUN])
     assert result.exit_code == 1 and "has no category 'Coat'; it has Jacket, Dress" in result.output
-    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(benchmark_shards),
+    result = CliRunner().invoke(vsam, ["experiment", "label-noise", "--shards", str(category_shards),
                                        "--attribute", "floral", "--category", "Dress",
                                        "--out", str(tmp_path / "b"), *TINY_RUN])
     assert result.exit_code == 1 and "no train item of category 'Dress' is labelled 'floral'" in result.output
