@@ -99,12 +99,22 @@ def _max_retire(context, parameter, value: str) -> str:
     return value
 
 
-def _echo_first(kind: str, lines: list[str], limit: int = 10) -> None:
-    """The first `limit` lines on stderr as `kind: line`, then how many more the report holds."""
+def _echo_first(kind: str, lines: list[str], total: int | None = None, limit: int = 10) -> None:
+    """The first `limit` lines on stderr as `kind: line`, then how many more there are (of `total`)."""
+    total = len(lines) if total is None else total
     for line in lines[:limit]:
         click.echo(f"{kind}: {line}", err=True)
-    if len(lines) > limit:
-        click.echo(f"{kind}: ... and {len(lines) - limit} more (see the report)", err=True)
+    if total > limit:
+        click.echo(f"{kind}: ... and {total - limit} more (see the report)", err=True)
+
+
+def _echo_label_mismatches(match: dict) -> None:
+    first = match["first"]
+    _echo_first("case only", [f"label row {row} and image {image} differ only in letter case: not matched"
+                              for row, image in first["case_only"]], match["case_only"])
+    _echo_first("ambiguous", [f"{line}: left unlabelled" for line in first["ambiguous"]], match["ambiguous"])
+    _echo_first("unlabelled", first["unlabelled"], match["unlabelled"])
+    _echo_first("unmatched label row", first["unmatched_rows"], match["unmatched_rows"])
 
 
 @main.command("prep-pose")
@@ -169,6 +179,8 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     for rejected in report.rejected:
         click.echo(f"rejected: {rejected['path']}: {rejected['reason']}", err=True)
     _echo_first("unreadable", [f"{u['path']}: {u['reason']} (its stored items are kept)" for u in report.unreadable])
+    if report.labels_match:
+        _echo_label_mismatches(report.labels_match)
     if report.status != "refused":
         click.echo(report.summary())
     click.echo(f"report: {report.path}")

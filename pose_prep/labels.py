@@ -10,8 +10,12 @@
   `category_type`: 1 upper, 2 lower, 3 full body, as DeepFashion numbers them).
 
 Label files name images by paths relative to their dataset root (`img/00000.jpg`) while prep-pose
-knows paths relative to `--images`; `Labels.lookup` matches them by the longest unambiguous common
-path suffix, so `--images data/img` and `--images data` both find their labels.
+knows paths relative to `--images`. `Labels.match` pairs a label row with an image only when one path
+is a whole-component suffix of the other (`img/00000.jpg` and `00000.jpg` or `drop/img/00000.jpg`, not
+`ximg/00000.jpg`) and the pairing is one to one: a row that several images could take, or an image
+that several rows could name, stays unmatched, and so does a pair whose paths differ only in letter
+case (reported as such, never guessed). So `--images data/img` and `--images data` both find their
+labels, and an unlisted `tops/001.jpg` never borrows the labels of `dresses/001.jpg`.
 Attribute values: 1 true, 0 false, -1 unknown. An image the labels do not mention is unlabelled:
 category -1, every attribute -1, split "none".
 """
@@ -19,7 +23,11 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass, field
+from bisect import bisect_left
+from collections import Counter
+from itertools import chain
 from pathlib import Path, PurePosixPath
+from typing import Collection, Iterable
 
 import numpy as np
 
@@ -51,20 +59,34 @@ class Labels:
     items: dict[str, ItemLabels] = field(default_factory=dict)   # key: path as the label files write it
     format: str = "none"
     source: str = ""
-    _by_suffix: dict[str, str | None] | None = field(default=None, repr=False)
+    _index: _TailIndex | None = field(default=None, repr=False)
+
+    def match(self, images: Iterable[str]) -> Matching:
+        """Pair label rows with images (paths relative to --images): see the module docstring."""
+        images = list(images)
+        if self._index is None:
+            self._index = _TailIndex(self.items)
+        candidates = {image: self._index.candidates(image) for image in images}
+        claims = Counter(chain.from_iterable(candidates.values()))
+        matched = {image: keys[0] for image, keys in candidates.items() if len(keys) == 1 and claims[keys[0]] == 1}
+        ambiguous = [f"image {image} matches {len(keys)} label rows ({_first(keys)})"
+                     for image, keys in candidates.items() if len(keys) > 1]
+        shared = {key: [] for key, count in claims.items() if count > 1}
+        for image, keys in candidates.items() if shared else ():
+            for key in keys:
+                if key in shared:
+                    shared[key].append(image)
+        ambiguous += [f"label row {key} matches {len(found)} images ({_first(found)})" for key, found in shared.items()]
+        unlabelled = sorted(image for image in images if image not in matched)
+        unmatched_rows = sorted(set(self.items) - set(matched.values()))
+        case_only = _case_only([image for image in unlabelled if not candidates[image]],
+                               [key for key in unmatched_rows if key not in claims])
+        return Matching({image: self.items[key] for image, key in matched.items()}, unlabelled, unmatched_rows,
+                        ambiguous, case_only)
 
     def lookup(self, relative_path: str) -> ItemLabels | None:
-        """The labels of an image given by its path relative to --images, or None."""
-        if relative_path in self.items:
-            return self.items[relative_path]
-        if self._by_suffix is None:
-            self._by_suffix = _suffix_index(self.items)
-        parts = PurePosixPath(relative_path).parts
-        for start in range(len(parts)):
-            key = self._by_suffix.get("/".join(parts[start:]))
-            if key is not None:
-                return self.items[key]
-        return None
+        """The labels of one image given by its path relative to --images (the rule of `match`), or None."""
+        return self.match([relative_path]).items.get(relative_path)
 
     def for_item(self, relative_path: str) -> ItemLabels:
         found = self.lookup(relative_path)
@@ -83,15 +105,64 @@ class Labels:
         return DEFAULT_GROUP
 
 
-def _suffix_index(items: dict[str, ItemLabels]) -> dict[str, str | None]:
-    """Every trailing sub-path of every key → that key; None where two keys share it."""
-    index: dict[str, str | None] = {}
-    for key in items:
-        parts = PurePosixPath(key).parts
-        for start in range(len(parts)):
-            suffix = "/".join(parts[start:])
-            index[suffix] = key if index.get(suffix, key) == key else None
-    return index
+@dataclass
+class Matching:
+    """Which label row each image got (`Labels.match`)."""
+    items: dict[str, ItemLabels]           # image → its labels, for the matched images only
+    unlabelled: list[str]                  # images no label row pairs with (sorted)
+    unmatched_rows: list[str]              # label rows (as the label files write them) no image pairs with
+    ambiguous: list[str]                   # one line per image or row that could pair several ways
+    case_only: list[tuple[str, str]]       # (label row, image) whose paths differ only in letter case
+
+    def for_item(self, relative_path: str) -> ItemLabels:
+        return self.items.get(relative_path) or ItemLabels()
+
+    def summary(self, limit: int) -> dict:
+        """Counts, and the first `limit` of each list (for a report)."""
+        lists = {"unlabelled": self.unlabelled, "unmatched_rows": self.unmatched_rows, "ambiguous": self.ambiguous,
+                 "case_only": [list(pair) for pair in self.case_only]}
+        return {"matched": len(self.items), **{name: len(values) for name, values in lists.items()},
+                "first": {name: values[:limit] for name, values in lists.items()}}
+
+
+class _TailIndex:
+    """The keys a path pairs with: the keys that are a whole-component suffix of it (its shorter tails,
+    looked up), and the keys it is a whole-component suffix of (found by bisecting the sorted reversed
+    keys, so no index of every tail of every key: a small drop against a 289,222-row benchmark file
+    costs a sort, not a million strings)."""
+
+    def __init__(self, keys: Collection[str]):
+        self.keys = keys
+        self.reversed = sorted(key[::-1] for key in keys)
+
+    def candidates(self, path: str) -> list[str]:
+        found = []
+        slash = path.find("/")
+        while slash != -1:
+            if path[slash + 1:] in self.keys:
+                found.append(path[slash + 1:])
+            slash = path.find("/", slash + 1)
+        backwards, size = path[::-1], len(path)
+        at = bisect_left(self.reversed, backwards)
+        while at < len(self.reversed) and self.reversed[at].startswith(backwards):
+            key = self.reversed[at]
+            if len(key) == size or key[size] == "/":     # the whole path, or a whole-component tail
+                found.append(key[::-1])
+            at += 1
+        return found
+
+
+def _case_only(images: list[str], rows: list[str]) -> list[tuple[str, str]]:
+    """(row, image) pairs among images and rows that pair with nothing, equal but for letter case."""
+    if not images or not rows:
+        return []
+    folded = {row.casefold(): row for row in rows}
+    index = _TailIndex(folded)
+    return sorted((folded[key], image) for image in images for key in index.candidates(image.casefold()))
+
+
+def _first(values: list[str], shown: int = 3) -> str:
+    return ", ".join(sorted(values)[:shown]) + (", ..." if len(values) > shown else "")
 
 
 def unlabelled() -> Labels:

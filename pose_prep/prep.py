@@ -52,6 +52,7 @@ DEFAULT_SHARD_SIZE = 1000
 # A nightly drop retires a few discontinued items; retiring more than a tenth of the collection in one
 # run is far more often a half-copied drop or a wrong --images than a real clear-out.
 DEFAULT_MAX_RETIRE = "10%"
+REPORT_LIST_LIMIT = 100               # paths a report lists per kind of label mismatch (the counts are exact)
 REPORTS = "reports"
 
 
@@ -136,6 +137,7 @@ class Report:
     stored: int = 0                   # items this run wrote into shards
     unreadable: list[dict] = field(default_factory=list)  # {path, reason}: folders and files not seen
     would_retire: int = 0             # live items this run found gone (retired unless refused)
+    labels_match: dict = field(default_factory=dict)   # with --labels: labels.Matching.summary
     max_retire: str = DEFAULT_MAX_RETIRE
     path: str = ""                    # of this report
     pid: int = field(default_factory=os.getpid)
@@ -150,7 +152,10 @@ class Report:
                 f"{c['no_person']} no person, {c['rejected']} rejected in {self.seconds:.1f} s "
                 f"({self.images_per_s:.1f} images/s); {self.items_total} items live")
         text += f", {c['unreadable']} kept unreadable" if c["unreadable"] else ""
-        return text + (f", {c['excluded']} outside --splits" if c["excluded"] else "")
+        text += f", {c['excluded']} outside --splits" if c["excluded"] else ""
+        match = self.labels_match
+        return text + (f"; labels: {match['matched']} images matched, {match['unlabelled']} unlabelled, "
+                       f"{match['unmatched_rows']} label rows match no image" if match else "")
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -195,7 +200,7 @@ def _pixels_part(fingerprint: str | None) -> str | None:
 def scan(images: Path, labels: Labels, splits: tuple[str, ...] | None, report: Report) -> list[Entry]:
     """The image files under `images` as entries (those outside --splits counted, not returned); the
     subfolders that could not be listed go into report.unreadable as `{path: "folder/", reason}`."""
-    entries = []
+    entries, named = [], []
     for path in _list_catalog(images, report):
         relative = path.relative_to(images).as_posix()
         try:
@@ -204,7 +209,12 @@ def scan(images: Path, labels: Labels, splits: tuple[str, ...] | None, report: R
             relative = os.fsencode(relative).decode("utf-8", "backslashreplace")
             entries.append(Entry(relative, path, reason="file name is not valid UTF-8"))
             continue
-        item = labels.for_item(relative)
+        named.append((relative, path))
+    matching = labels.match(relative for relative, _ in named)
+    if labels.source:
+        report.labels_match = matching.summary(REPORT_LIST_LIMIT)
+    for relative, path in named:
+        item = matching.for_item(relative)
         if splits and item.split not in splits:
             report.counts["excluded"] += 1
             continue
@@ -620,13 +630,18 @@ def write_report(path: Path, report: Report) -> None:
 
 def failure(report: Report, strict: bool) -> str | None:
     """Why a completed run exits 1 (None: exit 0, also when some files were rejected or unreadable):
-    with --strict while the catalog holds a rejected file (from this run or an earlier one) or this run
-    could not read a folder or file; when no image was found and nothing was retired either; or when
+    with --strict while the catalog holds a rejected file (from this run or an earlier one), this run
+    could not read a folder or file, or with --labels an image is unlabelled or a label row matches no
+    image; when no image was found and nothing was retired either; or when
     this run had files to process and could store none of them."""
     if strict and (report.counts["rejected"] or report.rejected_total):
         return f"failed: --strict and {report.rejected_total} file(s) are rejected (vsam shards info lists them)"
     if strict and report.unreadable:
         return f"failed: --strict and {len(report.unreadable)} folder(s) or file(s) could not be read"
+    match = report.labels_match
+    if strict and match and (match["unlabelled"] or match["unmatched_rows"]):
+        return (f"failed: --strict and the labels do not pair one to one with the images: {match['unlabelled']} "
+                f"image(s) unlabelled, {match['unmatched_rows']} label row(s) match no image")
     if report.found == 0 and report.counts["excluded"] == 0 and report.counts["deleted"] == 0:
         return f"failed: no image found under {report.images}"
     if report.counts["rejected"] and report.stored == 0:
@@ -649,9 +664,11 @@ def catalog_problems(out: str | os.PathLike, images: str | os.PathLike, splits: 
     with open_index(out, readonly=True) as connection:
         rejected = {record["path"] for record in rejected_files(connection)}
     images = Path(images)
-    for path in find_images(images):
+    paths = find_images(images)
+    matching = labels.match(p.relative_to(images).as_posix() for p in paths) if labels is not None else None
+    for path in paths:
         relative = path.relative_to(images).as_posix()
-        if splits and labels is not None and labels.for_item(relative).split not in splits:
+        if splits and matching is not None and matching.for_item(relative).split not in splits:
             continue
         try:
             sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
