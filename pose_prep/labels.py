@@ -22,9 +22,10 @@ category -1, every attribute -1, split "none".
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+import io
 from bisect import bisect_left
 from collections import Counter
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path, PurePosixPath
 from typing import Collection, Iterable
@@ -374,33 +375,28 @@ def _benchmark_attributes(path: Path, number: int, text: str, size: int) -> np.n
 
 # --- CSV ------------------------------------------------------------------------------------
 
+CSV_COLUMNS = ("path", "category", "attributes", "split", "category_type")
+
+
 def read_csv(path: Path) -> Labels:
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            columns = set(reader.fieldnames or ())
-            rows = list(reader)
-    except FileNotFoundError:
-        raise LabelError(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise LabelError(f"{path}: cannot read ({error})") from None
-    if "path" not in columns:
-        raise LabelError(f"{path}: needs a header with a 'path' column (path,category,attributes,split)")
-    unknown = columns - {"path", "category", "attributes", "split", "category_type"}
-    if unknown:
-        raise LabelError(f"{path}: unknown columns {sorted(unknown)}; expected path,category,attributes,split")
+    """`path,category,attributes,split[,category_type]`, as spreadsheets write it: a UTF-8 byte-order
+    mark (Excel's "CSV UTF-8") and CRLF are fine, blank and all-empty rows (`,,,`) are skipped, a quoted
+    cell may span lines. Any other malformed row stops the read with file:line (the physical line where
+    its record starts) and the reason."""
+    header, rows = _csv_records(path)
+    columns = set(header)
 
     def cell(row: dict, name: str) -> str:
         return (row.get(name) or "").strip()
 
-    categories = sorted({cell(r, "category") for r in rows} - {""})
-    attribute_names = sorted({a.strip() for r in rows for a in cell(r, "attributes").split(";")} - {""})
+    categories = sorted({cell(r, "category") for _, r in rows} - {""})
+    attribute_names = sorted({a.strip() for _, r in rows for a in cell(r, "attributes").split(";")} - {""})
     category_types = _csv_category_types(path, rows, categories) if "category_type" in columns else []
     vocabulary = Vocabulary(categories=categories, category_types=category_types, attributes=attribute_names,
                             attribute_groups=[""] * len(attribute_names))
     position = {name: i for i, name in enumerate(attribute_names)}
     items: dict[str, ItemLabels] = {}
-    for number, row in enumerate(rows, start=2):
+    for number, row in rows:
         if not cell(row, "path"):
             raise LabelError(f"{path}:{number}: empty path")
         image = PurePosixPath(cell(row, "path").replace("\\", "/")).as_posix()
@@ -419,9 +415,60 @@ def read_csv(path: Path) -> Labels:
     return Labels(vocabulary=vocabulary, items=items)
 
 
-def _csv_category_types(path: Path, rows: list[dict], categories: list[str]) -> list[int]:
+def _csv_records(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """The header and each record as (its first physical line, {column: cell})."""
+    reader = csv.reader(io.StringIO(_csv_text(path), newline=""))
+    header, rows, read = None, [], 0      # read: physical lines consumed before this record
+    try:
+        for cells in reader:
+            first, last, read = read + 1, reader.line_num, reader.line_num
+            if not any(c.strip() for c in cells):
+                continue                  # a blank line, or an empty row of commas
+            if header is None:
+                header = _csv_header(path, first, [c.strip() for c in cells])
+                continue
+            if len(cells) != len(header):
+                runs = f" (the record runs to line {last}: a quote not closed?)" if last > first else ""
+                raise LabelError(f"{path}:{first}: expected {len(header)} fields ({','.join(header)}), "
+                                 f"got {len(cells)}{runs}")
+            rows.append((first, dict(zip(header, cells))))
+    except csv.Error as error:            # a NUL byte, a field beyond csv's size limit
+        raise LabelError(f"{path}:{reader.line_num}: cannot read ({error})") from None
+    if header is None:
+        raise LabelError(f"{path}: empty; needs a header with a 'path' column (path,category,attributes,split)")
+    return header, rows
+
+
+def _csv_text(path: Path) -> str:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise LabelError(f"{path}: missing") from None
+    except OSError as error:
+        raise LabelError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        return data.decode("utf-8-sig")   # -sig: without the byte-order mark Excel writes first
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise LabelError(f"{path}:{line}: not UTF-8 (byte 0x{data[error.start]:02x}); save it as UTF-8 "
+                         "(Excel: CSV UTF-8)") from None
+
+
+def _csv_header(path: Path, number: int, header: list[str]) -> list[str]:
+    if "path" not in header:
+        raise LabelError(f"{path}: needs a header with a 'path' column (path,category,attributes,split)")
+    unknown = set(header) - set(CSV_COLUMNS)
+    if unknown:
+        raise LabelError(f"{path}:{number}: unknown columns {sorted(unknown)}; expected path,category,attributes,split")
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        raise LabelError(f"{path}:{number}: column {twice[0]!r} appears twice")
+    return header
+
+
+def _csv_category_types(path: Path, rows: list[tuple[int, dict]], categories: list[str]) -> list[int]:
     types: dict[str, int] = {}
-    for number, row in enumerate(rows, start=2):
+    for number, row in rows:
         category, text = (row.get("category") or "").strip(), (row.get("category_type") or "").strip()
         if not category or not text:
             continue
