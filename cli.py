@@ -284,9 +284,11 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
           decode, compile, deterministic, assignments, resume, device) -> None:
     """Train VSAM (or a baseline) on a shard folder; under torchrun, with DDP.
 
-    Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config."""
+    Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config, 75
+    another `vsam train` is running in --out (one run per folder; try again later)."""
     import os
 
+    from pose_prep.lock import Busy
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.checkpoint import CheckpointError
     from vsam_train.config import ConfigError
@@ -303,6 +305,9 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
     try:
         config = resolve_run_config(out, config_file, overrides, resume)
         summary = train_main(config, shards, out, resume=resume, device=device)
+    except Busy as error:
+        click.echo(f"vsam train: {error}", err=True)
+        sys.exit(EXIT_BUSY)
     except ConfigError as error:
         click.echo(f"vsam train: {error}", err=True)
         sys.exit(EXIT_USAGE)

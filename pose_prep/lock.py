@@ -1,9 +1,12 @@
-"""One `vsam prep-pose` run at a time per output folder.
+"""One run at a time per folder: `vsam prep-pose` per output folder (`<out>/.prep.lock`), `vsam train`
+per run folder (`<out>/.train.lock`, taken by rank 0 alone under torchrun).
 
-An exclusive `fcntl.flock` on `<out>/.prep.lock`, taken without waiting. The kernel drops the lock
+An exclusive `fcntl.flock` on the lock file, taken without waiting. The kernel drops the lock
 when the holder's file descriptor closes, which also happens when the process is killed (kill -9,
 OOM, reboot), so a crashed run can never leave a lock that blocks the next one. The file itself is
 never deleted (deleting a lock file races with a run that is opening it); it only names the holder.
+A process forked by the holder (a DataLoader worker) shares the lock until it ends; such workers end
+with their parent (`workers.py`).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 LOCK_NAME = ".prep.lock"
+TRAIN_LOCK_NAME = ".train.lock"
 
 
 class Busy(Exception):
@@ -32,15 +36,16 @@ def _holder(path: Path) -> str:
 
 
 @contextmanager
-def exclusive(folder: str | os.PathLike) -> Iterator[Path]:
-    """Hold the folder's prep lock for the duration of the block, or raise Busy at once."""
-    path = Path(folder) / LOCK_NAME
+def exclusive(folder: str | os.PathLike, name: str = LOCK_NAME, command: str = "vsam prep-pose") -> Iterator[Path]:
+    """Hold the folder's lock `name` for the duration of the block, or raise Busy at once (naming
+    `command`, the kind of run that holds it)."""
+    path = Path(folder) / name
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Busy(f"{folder}: another vsam prep-pose run is active ({_holder(path)}); "
+            raise Busy(f"{folder}: another {command} run is active ({_holder(path)}); "
                        "this run does nothing (exit code 75: try again later)") from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
@@ -50,9 +55,9 @@ def exclusive(folder: str | os.PathLike) -> Iterator[Path]:
         os.close(fd)  # closing releases the flock
 
 
-def is_locked(folder: str | os.PathLike) -> bool:
-    """Whether a run holds the folder's lock right now (without taking it for long)."""
-    path = Path(folder) / LOCK_NAME
+def is_locked(folder: str | os.PathLike, name: str = LOCK_NAME) -> bool:
+    """Whether a run holds the folder's lock `name` right now (without taking it for long)."""
+    path = Path(folder) / name
     if not path.exists():
         return False
     fd = os.open(path, os.O_RDONLY)

@@ -7,6 +7,11 @@ The run folder holds config.yaml (resolved), checkpoints/last.pt and epoch-NNN.p
 
 Launched by torchrun (WORLD_SIZE > 1) it trains with DistributedDataParallel: NCCL on CUDA, gloo
 on the CPU; rank 0 evaluates, logs and writes checkpoints.
+
+One run at a time per run folder: rank 0 holds `<out>/.train.lock` (pose_prep.lock) for the run's
+life, and a second `vsam train` into the folder, with or without --resume, stops at once (lock.Busy,
+exit 75). Without --resume, a folder that holds a run (a checkpoint, or the config.yaml a run writes
+when it starts, before its first checkpoint) is refused.
 """
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+
+from pose_prep import lock
+from pose_prep.atomic import temporary_files
 
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import ConfigError, load_config, save_config
@@ -411,20 +419,58 @@ def main(config: dict, shards: str | Path, out: str | Path, *, resume: bool = Fa
     if config["data"]["decode"] == "gpu" and device_kind != "cuda":
         raise ConfigError("data.decode: gpu needs --device cuda")
     run_dir = Path(out)
-    checkpoint_dir = run_dir / "checkpoints"
-    last = checkpoint_dir / "last.pt"
-    if last.exists() and not resume:
+    with _run_folder_lock(run_dir):
+        if _is_rank_zero():
+            _check_run_folder(run_dir, resume)
+            _remove_leftover_temporaries(run_dir)
+        # Process-wide settings this run changes; restored for a caller that goes on (tests, notebooks).
+        threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+        if config["train"]["cpu_threads"]:
+            torch.set_num_threads(int(config["train"]["cpu_threads"]))
+        try:
+            return _train(config, shards, run_dir, resume, device_kind)
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic)
+
+
+def _is_rank_zero() -> bool:
+    """Rank 0 of a torchrun job, or a plain process (before the process group exists)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _run_folder_lock(run_dir: Path):
+    """The run folder's lock, held by rank 0 for the run's life (raises lock.Busy at once). The
+    other ranks of a torchrun job belong to rank 0's run: a second job's rank 0 stops, and torchrun
+    stops its other ranks (a lock per rank could not tell two jobs apart)."""
+    if not _is_rank_zero():
+        return nullcontext()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return lock.exclusive(run_dir, lock.TRAIN_LOCK_NAME, "vsam train")
+
+
+def _check_run_folder(run_dir: Path, resume: bool) -> None:
+    """Without --resume, refuse a folder that holds a run, also one killed before its first checkpoint."""
+    if resume:
+        return
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.exists():
         raise RunFolderError(f"{run_dir} already holds a run ({last}); pass --resume to continue it or choose "
                              "another --out")
-    # Process-wide settings this run changes; restored for a caller that goes on (tests, notebooks).
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    if config["train"]["cpu_threads"]:
-        torch.set_num_threads(int(config["train"]["cpu_threads"]))
-    try:
-        return _train(config, shards, run_dir, resume, device_kind)
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
+    started = run_dir / "config.yaml"
+    if started.exists():
+        raise RunFolderError(f"{run_dir} already holds a run that wrote no checkpoint yet ({started}); pass "
+                             "--resume to start it over or choose another --out")
+
+
+def _remove_leftover_temporaries(run_dir: Path) -> None:
+    """Temporary files of writes a killed run left (pose_prep.atomic: one per writer, so nothing
+    else would ever reuse them). Safe only under the run folder's lock: no other writer exists."""
+    checkpoint_dir = run_dir / "checkpoints"
+    leftovers = [*checkpoint_dir.glob(".*.tmp"), checkpoint_dir / ".last.pt.link",
+                 *temporary_files(run_dir / "config.yaml")]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
 
 
 def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) -> dict:
