@@ -8,7 +8,8 @@
    Category and Attribute Prediction Benchmark): every image at its row's path, and a drop of 1000 images
    under paths without the leading img/.
 
-    .venv/bin/python benchmarks/bench_label_match.py [--rounds 5] [--json benchmarks/results/bench_label_match-cpu-DATE.json]
+    .venv/bin/python benchmarks/bench_label_match.py [--rounds 5] \
+        [--json benchmarks/results/bench_label_match-cpu-DATE.json]
 
 Best of --rounds (the machine is shared and noisy); prints a table, writes the figures as JSON.
 """
