@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from cli import main as vsam
 from pose_prep import lock
+from pose_prep import lock
 from pose_prep.images import load
 from pose_prep.shard_format import live_items
 from vsam_train.checkpoint import CheckpointError, load_checkpoint, load_for_inference
@@ -142,7 +143,18 @@ def test_ddp_with_torchrun_on_two_cpu_processes_gives_ranks_disjoint_items(df_sh
         assert set(seen[0]) | set(seen[1]) <= train_paths and len(set(seen[0]) | set(seen[1])) == 64
     metrics = _lines(run / "metrics.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["train_images"] == 64 for m in metrics)
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 8
+    assert all(m["world_size"] == 2 for m in metrics)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (state["step"], state["world_size"]) == (8, 2)
+
+    # Resumed by one process, the global batch would halve (16 -> 8): refused, nothing written.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"}
+    resumed = CliRunner().invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(run), "--resume",
+                                        "--epochs", "3", "--device", "cpu"])
+    assert resumed.exit_code == 2, resumed.output
+    assert (f"{run / 'checkpoints' / 'last.pt'} was trained by 2 processes (global batch 16); this run has 1 "
+            "(global batch 8)") in resumed.output
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".train.lock"} == before
 
 
 def test_cli_refuses_bad_config_and_an_existing_run_with_exit_codes(df_shards, tmp_path):
@@ -176,6 +188,53 @@ def test_cli_names_a_cuda_device_that_is_not_there(df_shards, tmp_path, monkeypa
     result = CliRunner().invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "run"),
                                        "--config", str(TINY), "--device", "cuda"])
     assert result.exit_code == 2 and "--device cuda, but torch sees no CUDA device" in result.output
+
+
+def _start(command: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()[1]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_a_second_train_into_a_running_runs_folder_exits_75_and_changes_nothing(df_shards, tmp_path):
+    run = tmp_path / "run"
+    first = _start(_train_command(df_shards, run, "--set", "train.epochs=50"))
+    try:
+        deadline = time.monotonic() + 120
+        while not lock.is_locked(run, lock.TRAIN_LOCK_NAME):      # taken first thing, before the data
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1]
+            time.sleep(0.02)
+        seconds = [_start(_train_command(df_shards, run, "--set", "train.epochs=60", *extra))
+                   for extra in ((), ("--resume",))]
+        for second in seconds:
+            _, stderr = second.communicate(timeout=300)
+            assert second.returncode == 75, stderr
+            assert f"{run}: another vsam train run is active (pid {first.pid} on " in stderr
+            assert "Traceback" not in stderr
+        assert first.poll() is None
+        _wait_for(run / "config.yaml", first)
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 50    # the first run's
+    finally:
+        first.kill()
+        first.communicate()
+
+
+def test_a_killed_run_without_a_checkpoint_still_holds_its_folder(df_shards, tmp_path):
+    run = tmp_path / "run"
+    victim = _start(_train_command(df_shards, run))
+    _wait_for(run / "config.yaml", victim)       # written when training starts, before the first checkpoint
+    victim.kill()
+    victim.communicate()
+    assert not (run / "checkpoints" / "last.pt").exists(), "killed too late: a checkpoint was written"
+    again = subprocess.run(_train_command(df_shards, run), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "already holds a run" in again.stderr and "--resume" in again.stderr, again.stderr
 
 
 def _start(command: list[str]) -> subprocess.Popen:

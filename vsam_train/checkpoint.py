@@ -4,7 +4,8 @@ A checkpoint is a dict of tensors and plain values only (dicts, lists, tuples, s
 so the safe loader can read it: "model" (state_dict), "optimizer", "scheduler", "epoch" (epochs
 completed), "step" (optimizer steps done), "rng" (torch, CUDA, numpy, python states), "config"
 (the resolved config dict), "vocabulary" (JSON text of pose_prep.shard_format.Vocabulary),
-"model_name", "image_size", "heatmap" (the collection's heatmap parameters as JSON text).
+"model_name", "image_size", "heatmap" (the collection's heatmap parameters as JSON text), "world_size"
+(the processes that trained it: a resume must have as many).
 """
 from __future__ import annotations
 

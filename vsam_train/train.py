@@ -31,6 +31,9 @@ from tqdm import tqdm
 from pose_prep import lock
 from pose_prep.atomic import temporary_files
 
+from pose_prep import lock
+from pose_prep.atomic import temporary_files
+
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import ConfigError, load_config, save_config
 from .data import ShardStream, decode_on_device, make_loader, read_collection
@@ -386,9 +389,24 @@ def _truncate_jsonl(path: Path, keep) -> None:
 
 def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, config: dict, stream: ShardStream) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch, "step": step, "rng": rng_states(), "config": config,
+            "epoch": epoch, "step": step, "rng": rng_states(), "config": config, "world_size": stream.world_size,
             "vocabulary": stream.vocabulary.to_json(), "model_name": config["model"]["name"],
             "image_size": config["model"]["image_size"], "heatmap": json.dumps(stream.info.heatmap)}
+
+
+def check_world_size(state: dict, world_size: int, batch_size: int, path: Path) -> None:
+    """A resumed run must have the processes of the run it continues: with others, the global batch
+    (train.batch_size per process), each process's share of the data and the order of the items
+    would change, so it would neither compute what the run computed nor what its config says.
+    Checkpoints written before the world size was recorded are taken as they are."""
+    saved = state.get("world_size")
+    if saved is None or int(saved) == world_size:
+        return
+    saved = int(saved)
+    raise ConfigError(f"--resume: {path} was trained by {saved} process{'es' if saved > 1 else ''} (global batch "
+                      f"{saved * batch_size}); this run has {world_size} (global batch {world_size * batch_size}). "
+                      f"Resume it with as many processes (torchrun --nproc_per_node, times nodes: {saved} in all)"
+                      + ("" if saved > 1 else ", that is without torchrun") + ", or train a new run into another --out")
 
 
 def write_checkpoints(folder: Path, state: dict, keep_epoch: bool) -> Path:
@@ -505,6 +523,7 @@ def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) 
     start_epoch, step = 0, 0
     if resume and last.exists():
         state = load_checkpoint(last, map_location=device)
+        check_world_size(state, world_size, t["batch_size"], last)
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -532,7 +551,7 @@ def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) 
             torch.manual_seed(int(np.random.SeedSequence([t["seed"], epoch, rank]).generate_state(1)[0]))
             stats, step = train_one_epoch(trained, criterion, optimizer, scheduler, train_loader, device, epoch,
                                           step, config=config, log=log)
-            record = {"epoch": epoch + 1, "step": step, **stats}
+            record = {"epoch": epoch + 1, "step": step, "world_size": world_size, **stats}
             if val_loader is not None:
                 record.update(summarize(evaluate(model, criterion, val_loader, device, config=config), vocabulary))
             if rank == 0:
