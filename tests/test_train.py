@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from cli import main as vsam
 from pose_prep import lock
-from pose_prep import lock
 from pose_prep.images import load
 from pose_prep.shard_format import live_items
 from vsam_train.checkpoint import CheckpointError, load_checkpoint, load_for_inference
@@ -188,53 +187,6 @@ def test_cli_names_a_cuda_device_that_is_not_there(df_shards, tmp_path, monkeypa
     result = CliRunner().invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(tmp_path / "run"),
                                        "--config", str(TINY), "--device", "cuda"])
     assert result.exit_code == 2 and "--device cuda, but torch sees no CUDA device" in result.output
-
-
-def _start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()[1]
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
-
-
-def test_a_second_train_into_a_running_runs_folder_exits_75_and_changes_nothing(df_shards, tmp_path):
-    run = tmp_path / "run"
-    first = _start(_train_command(df_shards, run, "--set", "train.epochs=50"))
-    try:
-        deadline = time.monotonic() + 120
-        while not lock.is_locked(run, lock.TRAIN_LOCK_NAME):      # taken first thing, before the data
-            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1]
-            time.sleep(0.02)
-        seconds = [_start(_train_command(df_shards, run, "--set", "train.epochs=60", *extra))
-                   for extra in ((), ("--resume",))]
-        for second in seconds:
-            _, stderr = second.communicate(timeout=300)
-            assert second.returncode == 75, stderr
-            assert f"{run}: another vsam train run is active (pid {first.pid} on " in stderr
-            assert "Traceback" not in stderr
-        assert first.poll() is None
-        _wait_for(run / "config.yaml", first)
-        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 50    # the first run's
-    finally:
-        first.kill()
-        first.communicate()
-
-
-def test_a_killed_run_without_a_checkpoint_still_holds_its_folder(df_shards, tmp_path):
-    run = tmp_path / "run"
-    victim = _start(_train_command(df_shards, run))
-    _wait_for(run / "config.yaml", victim)       # written when training starts, before the first checkpoint
-    victim.kill()
-    victim.communicate()
-    assert not (run / "checkpoints" / "last.pt").exists(), "killed too late: a checkpoint was written"
-    again = subprocess.run(_train_command(df_shards, run), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and "already holds a run" in again.stderr and "--resume" in again.stderr, again.stderr
 
 
 def _start(command: list[str]) -> subprocess.Popen:

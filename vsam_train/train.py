@@ -31,9 +31,6 @@ from tqdm import tqdm
 from pose_prep import lock
 from pose_prep.atomic import temporary_files
 
-from pose_prep import lock
-from pose_prep.atomic import temporary_files
-
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import ConfigError, load_config, save_config
 from .data import ShardStream, decode_on_device, make_loader, read_collection
