@@ -134,8 +134,7 @@ def _echo_label_mismatches(match: dict) -> None:
 @click.option("--scheduler", help="Dask scheduler address (with --backend dask), e.g. tcp://10.0.0.5:8786.")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Items per shard.")
 @click.option("--strict", is_flag=True,
-              help="Exit 1 while any file of the catalog is rejected, a folder or file could not be read, or (with "
-                   "--labels) an image is unlabelled or a label row matches no image.")
+              help="Exit 1 while any file of the catalog is rejected, or a folder or file could not be read.")
 @click.option("--max-retire", default="10%", show_default=True, metavar="N|P%", callback=_max_retire,
               help="Refuse (change nothing, exit 1) a run that would retire more live items than this: a count "
                    "(500) or a share of the live items (10%); 100% allows any, also an empty --images.")
@@ -153,9 +152,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     one run at a time per output folder (a second one exits with code 75). Exit code 0 also when
     some files were rejected (they are listed in the report); 1 when the run was refused (it would
     retire more than --max-retire, or found no image at all: nothing was changed), with --strict while
-    any file is rejected or unreadable or the labels do not pair one to one with the images, or when
-    nothing could be processed. A label row pairs with an image only when one path is a
-    whole-component suffix of the other and no other pairing is possible."""
+    any file is rejected, or when nothing could be processed."""
     from pathlib import Path
 
     from pose_prep import lock
@@ -249,7 +246,8 @@ def shards_verify(folder) -> None:
 # --- train (vsam_train) -----------------------------------------------------------------------
 
 def _config_assignments(ctx, param, assignments) -> dict:
-    """--set KEY=VALUE options (train, experiment) as config overrides; a malformed one is a usage error."""
+    """--set KEY=VALUE options (train, experiment) as config overrides, each typed by the config schema
+    (optim.lr=1e-3 is a number); an unknown key, a wrong type or a value out of range is a usage error."""
     from vsam_train.config import ConfigError, parse_assignments
 
     try:
@@ -280,7 +278,7 @@ def _config_assignments(ctx, param, assignments) -> dict:
 @click.option("--deterministic/--no-deterministic", default=None,
               help="train.deterministic: same results on every run, at some speed.")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", callback=_config_assignments,
-              help="Any other config value, e.g. --set loss.heatmap_loss.kind=softmax_l2 (repeatable).")
+              help="Any other config value, e.g. --set optim.lr=1e-3 (repeatable; typed as docs/config.md says).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from checkpoints/last.pt.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when present.")
 def train(shards, out, config_file, model, attention, epochs, batch_size, width, image_size, pretrained, workers,

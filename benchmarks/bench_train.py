@@ -54,8 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.settings = parse_assignments(args.assignments)
+        make_config(args)              # a config it cannot use: a usage error now, not a traceback later
     except ConfigError as error:
-        parser.error(f"--set: {error}")
+        parser.error(str(error))
     return args
 
 

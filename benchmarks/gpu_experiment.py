@@ -126,6 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.child_spec is None:
+        try:
+            base_config(args)          # a config it cannot use: a usage error now, not a traceback later
+        except ConfigError as error:
+            parser.error(str(error))
     return args
 
 

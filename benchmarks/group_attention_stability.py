@@ -120,8 +120,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     try:
         args.settings = parse_assignments(args.assignments)
+        load_config(args.config, args.settings)   # a config it cannot use: a usage error now, not a traceback later
     except ConfigError as error:
-        parser.error(f"--set: {error}")
+        parser.error(str(error))
     runs = []
     for variant in args.variants.split(","):
         for seed in range(args.first_seed, args.first_seed + args.seeds):
