@@ -1,18 +1,34 @@
-"""Shared fixtures. Real data lives beside the repository in ../shared/data (read-only, never copied)."""
+"""Shared fixtures. The default suite reads only the fixture set in tests/data (see tests/fixture_set.py and
+tests/data/SOURCES.md) and files the tests create. Tests marked `realdata` read the large research-only sets
+in ../shared/data, or in the folder VSAM_SHARED_DATA names (read-only, never copied): `make test-data`."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+import fixture_set
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("VSAM_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """A test that reads ../shared/data is a real-data test, marked or not: `-m "not realdata"` (the
+    default, see setup.cfg) leaves it out. Runs before the marker selection."""
+    for item in items:
+        if "shared_data" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("realdata"):
+            item.add_marker(pytest.mark.realdata)
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """/work/shared/data: DeepFashion images, keypoint sets (see ../shared/README.md)."""
-    assert SHARED_DATA.is_dir(), f"real test data missing: {SHARED_DATA} (see ../shared/README.md)"
+    """../shared/data or $VSAM_SHARED_DATA: DeepFashion images, keypoint sets (see ../shared/README.md).
+    Only for tests marked `realdata`; asked for and absent, they fail (never skip)."""
+    assert SHARED_DATA.is_dir(), (f"the real-data suite needs {SHARED_DATA} (deepfashion-attr/, deepfashion-anno/, "
+                                  "keypoints/): put ../shared/data beside the repository or set VSAM_SHARED_DATA")
     return SHARED_DATA
 
 
@@ -37,35 +53,64 @@ def yolo_detector(auto_detector):
     return auto_detector.yolo
 
 
-def _write_attr_challenge_subset(source: Path, folder: Path, counts: dict[str, int]) -> None:
-    """The first `counts[split]` labelled images of each split of ../shared/data/deepfashion-attr,
-    copied with their label rows into `folder` in the same attribute-challenge layout."""
-    (folder / "img").mkdir(parents=True)
-    (folder / "split").mkdir()
-    (folder / "split" / "list_attr_cloth.txt").write_bytes((source / "split" / "list_attr_cloth.txt").read_bytes())
-    for split, count in counts.items():
-        names = (source / "split" / f"{split}.txt").read_text().split()[:count]
-        rows = (source / "split" / f"{split}_attr.txt").read_text().splitlines()[:count]
-        for name in names:
-            (folder / name).write_bytes((source / name).read_bytes())
-        (folder / "split" / f"{split}.txt").write_text("\n".join(names) + "\n")
-        (folder / "split" / f"{split}_attr.txt").write_text("\n".join(rows) + "\n")
+@pytest.fixture(scope="session")
+def df_source(tmp_path_factory) -> Path:
+    """The attribute-challenge folder `df_shards` is built from (img/ and split/): the 32 train and 8
+    val photos of the fixture set, each three ways (as taken, mirrored, cropped to its label box:
+    distinct images, the photo's labels), so 96 train and 24 val images. Read-only."""
+    folder = tmp_path_factory.mktemp("df-source") / "deepfashion-attr"
+    fixture_set.write_attr_challenge_variants(folder, ("train", "val"))
+    return folder
 
 
 @pytest.fixture(scope="session")
-def df_shards(tmp_path_factory, shared_data) -> Path:
-    """A real shard collection built by `pose_prep.prep` (BlazePose) from 96 train and 24 val
-    images of DeepFashion-attr with their labels, stored at 128 px, 40 items per shard (3 train
-    shards). Read-only for tests: copy it before changing anything."""
+def df_shards(tmp_path_factory, df_source) -> Path:
+    """A real shard collection built by `pose_prep.prep` (the default auto detector: BlazePose, then
+    YOLO) from `df_source` with its labels (26 attributes in 6 groups): 96 train and 24 val images,
+    stored at 128 px, 40 items per shard (3 train shards). Read-only for tests: copy it before
+    changing anything."""
     from pose_prep.prep import PrepOptions, run
 
-    root = tmp_path_factory.mktemp("df-shards")
+    out = tmp_path_factory.mktemp("df-shards") / "shards"
+    report = run(PrepOptions(images=df_source, labels=df_source, out=out, shard_size=40, max_side=128,
+                             progress=False))
+    assert report.exit_code == 0, report
+    return out
+
+
+@pytest.fixture(scope="session")
+def deepfashion_shards(tmp_path_factory, shared_data) -> Path:
+    """`realdata`: the collection `df_shards` was before the fixture set, from the first 96 train and
+    24 val images of ../shared/data/deepfashion-attr (catalog photos) with their labels, stored at
+    128 px, 40 items per shard. Read-only."""
+    from pose_prep.prep import PrepOptions, run
+
+    source, root = shared_data / "deepfashion-attr", tmp_path_factory.mktemp("deepfashion-shards")
     images = root / "deepfashion-attr"
-    _write_attr_challenge_subset(shared_data / "deepfashion-attr", images, {"train": 96, "val": 24})
+    (images / "img").mkdir(parents=True)
+    (images / "split").mkdir()
+    (images / "split" / "list_attr_cloth.txt").write_bytes((source / "split" / "list_attr_cloth.txt").read_bytes())
+    for split, count in {"train": 96, "val": 24}.items():
+        names = (source / "split" / f"{split}.txt").read_text().split()[:count]
+        rows = (source / "split" / f"{split}_attr.txt").read_text().splitlines()[:count]
+        for name in names:
+            (images / name).write_bytes((source / name).read_bytes())
+        (images / "split" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        (images / "split" / f"{split}_attr.txt").write_text("\n".join(rows) + "\n")
     out = root / "shards"
     report = run(PrepOptions(images=images, labels=images, out=out, shard_size=40, max_side=128, progress=False))
     assert report.exit_code == 0, report
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1600 KiB tmpfs mounted on a fresh folder for the test (tests/small_disk.py: needs root,
+    and fails rather than skips where mount is not permitted); small_disk.grow(path, size) frees it."""
+    import small_disk
+
+    with small_disk.mounted(tmp_path / "disk", "1600k") as folder:
+        yield folder
 
 
 @pytest.fixture

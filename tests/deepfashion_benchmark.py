@@ -1,9 +1,9 @@
 """A small folder in the exact format of the DeepFashion Category and Attribute Prediction Benchmark.
 
-The per-image annotation files of the benchmark are not available here, so `make_benchmark_folder`
-writes them for a few real DeepFashion photos (from ../shared/data/deepfashion-attr) with the REAL
-vocabularies (../shared/data/deepfashion-anno: 50 categories, 1000 attributes), copied into the
-temporary folder at test time, never into the repository. Layout and headers as in the benchmark:
+`make_benchmark_folder` writes random labels (it returns them, for the tests to compare) for a few
+photos of the fixture set with the REAL vocabularies (50 categories, 1000 attributes; the fixture set
+keeps them in tests/data/deepfashion/Anno), in the benchmark's own layout, where the same file name
+sits in several item folders. Layout and headers as in the benchmark:
 
     img/<Item_Folder>/img_00000001.jpg
     Anno/list_category_cloth.txt   count line, "category_name  category_type", rows
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+import fixture_set
+
 
 @dataclass
 class Expected:
@@ -37,10 +39,10 @@ def _vocabulary(path: Path) -> list[tuple[str, int]]:
     return [(line.rsplit(None, 1)[0].strip(), int(line.rsplit(None, 1)[1])) for line in lines[2:] if line.strip()]
 
 
-def make_benchmark_folder(root: Path, shared_data: Path, n_images: int = 12, seed: int = 0) -> dict[str, Expected]:
+def make_benchmark_folder(root: Path, n_images: int = 12, seed: int = 0) -> dict[str, Expected]:
     """Write the fixture under `root`; return {image_name as the files write it: Expected}."""
     rng = random.Random(seed)
-    anno_source = shared_data / "deepfashion-anno"
+    anno_source = fixture_set.BENCHMARK / "Anno"
     categories = _vocabulary(anno_source / "list_category_cloth.txt")
     attributes = _vocabulary(anno_source / "list_attr_cloth.txt")
     (root / "Anno").mkdir(parents=True)
@@ -49,7 +51,7 @@ def make_benchmark_folder(root: Path, shared_data: Path, n_images: int = 12, see
         shutil.copyfile(anno_source / name, root / "Anno" / name)
 
     by_type = {t: [i for i, (_, kind) in enumerate(categories) if kind == t] for t in (1, 2, 3)}
-    photos = sorted((shared_data / "deepfashion-attr" / "img").glob("*.jpg"))[:n_images]
+    photos = sorted(fixture_set.PHOTOS.glob("*.jpg"))[:n_images]
     expected: dict[str, Expected] = {}
     rows: dict[str, list[str]] = {"category": [], "attr": [], "bbox": [], "partition": []}
     for k, photo in enumerate(photos):

@@ -60,33 +60,33 @@ def keypoint_annotations() -> dict:
     return json.loads(KEYPOINTS.read_text())
 
 
-# Three distinct images from each photo, all showing the same scene: the labels carry over.
-VARIANTS = {
-    "": lambda image: image,
-    "-mirrored": ImageOps.mirror,
-    "-centre": lambda image: image.crop((image.width // 8, image.height // 8,
-                                         image.width - image.width // 8, image.height - image.height // 8)),
-}
+def _box_crop(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    """The label box (the annotated person, or the central 80 % without one) and a tenth more each side."""
+    x1, y1, x2, y2 = box
+    dx, dy = (x2 - x1) // 10, (y2 - y1) // 10
+    return image.crop((max(0, x1 - dx), max(0, y1 - dy), min(image.width, x2 + dx), min(image.height, y2 + dy)))
 
 
 def write_attr_challenge_variants(folder: Path, splits=("train", "val")) -> dict[str, list[str]]:
-    """An attribute-challenge folder (img/, split/) holding each photo of `splits` three ways (as
-    taken, mirrored, its central 3/4), each with its photo's label row; no boxes. Returns
-    {split: the relative image paths in the order of its split files}."""
+    """An attribute-challenge folder (img/, split/) holding each photo of `splits` three ways: as
+    taken, mirrored, and cropped to its label box as catalog photos are (three distinct images of one
+    scene, each with the photo's label row; no box files). Returns {split: the relative image paths
+    in the order of its split files}."""
     (folder / "img").mkdir(parents=True)
     (folder / "split").mkdir()
     shutil.copyfile(ATTR_CHALLENGE / "split" / "list_attr_cloth.txt", folder / "split" / "list_attr_cloth.txt")
     written = {}
     for split in splits:
-        paths, rows = [], []
+        paths, rows, boxes = [], [], bboxes(split)
         for name, row in attr_rows(split).items():
             with Image.open(PHOTOS / name) as photo:
                 photo.load()
-                for suffix, make in VARIANTS.items():
-                    relative = f"img/{Path(name).stem}{suffix}.jpg"
-                    make(photo).save(folder / relative, "JPEG", quality=90)
-                    paths.append(relative)
-                    rows.append(" ".join(map(str, row)))
+            variants = {"": photo, "-mirrored": ImageOps.mirror(photo), "-cropped": _box_crop(photo, boxes[name])}
+            for suffix, image in variants.items():
+                relative = f"img/{Path(name).stem}{suffix}.jpg"
+                image.save(folder / relative, "JPEG", quality=90)
+                paths.append(relative)
+                rows.append(" ".join(map(str, row)))
         (folder / "split" / f"{split}.txt").write_text("".join(p + "\n" for p in paths))
         (folder / "split" / f"{split}_attr.txt").write_text("".join(r + "\n" for r in rows))
         written[split] = paths

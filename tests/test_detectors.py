@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import bad_images
+import fixture_set
 from pose_prep import images, keypoints as kp
 from pose_prep.detectors import (DEFAULT, DetectorUnavailable, check_detector, main_person, make_detector)
 from pose_prep.detectors.auto import looks_like_person
@@ -25,7 +26,7 @@ def photos():
 
 @pytest.fixture(scope="module")
 def front_view(shared_data):
-    """(rgb, annotated person) of a real full-body front view."""
+    """(rgb, annotated person) of a real full-body front view (a research-only fashion-model photo)."""
     folder = shared_data / "keypoints/fashion-models"
     data = json.loads((folder / "val.json").read_text())
     (entry,) = [i for i in data["images"] if i["file_name"].startswith(FRONT_VIEW_PREFIX)]
@@ -62,6 +63,7 @@ def test_portraits_have_plausible_geometry(detector, photos):
         assert ((present[:, 2] > 0) & (present[:, 2] <= 1)).all()
 
 
+@pytest.mark.realdata
 def test_full_body_front_view_matches_its_annotation(detector, front_view):
     rgb, annotated = front_view
     person = main_person(detector, rgb)
@@ -88,8 +90,8 @@ def test_nobody_in_photos_without_people(auto_detector):
     assert auto_detector.yolo.detect(cat)
 
 
-def test_yolo_keeps_several_people_and_main_person_is_deterministic(yolo_detector, shared_data):
-    _, decoded = images.load(_crowded_image(shared_data))
+def test_yolo_keeps_several_people_and_main_person_is_deterministic(yolo_detector):
+    _, decoded = images.load(_crowded_image())
     persons = yolo_detector.detect(decoded.rgb)
     assert len(persons) >= 2
     first = main_person(yolo_detector, decoded.rgb)
@@ -99,22 +101,33 @@ def test_yolo_keeps_several_people_and_main_person_is_deterministic(yolo_detecto
     np.testing.assert_array_equal(first, persons[index])
 
 
-def _crowded_image(shared_data):
-    """A coco-mini image with the most annotated people."""
-    folder = shared_data / "keypoints/coco-mini"
-    data = json.loads((folder / "annotations/person_keypoints_val2017.json").read_text())
+def _crowded_image():
+    """The fixture set's COCO photo with the most annotated people."""
+    data = fixture_set.keypoint_annotations()
     counts = {}
     for annotation in data["annotations"]:
         if annotation["num_keypoints"] >= 8:
             counts[annotation["image_id"]] = counts.get(annotation["image_id"], 0) + 1
     best = max(sorted(counts), key=counts.get)
     (entry,) = [i for i in data["images"] if i["id"] == best]
-    return folder / "val2017" / entry["file_name"]
+    return fixture_set.PHOTOS / entry["file_name"]
 
 
-def test_auto_recovers_a_head_cropped_person(auto_detector, front_view):
-    rgb, annotated = front_view
-    top = int(0.45 * rgb.shape[0])           # cut at the waist: no face for BlazePose
+@pytest.fixture(scope="module")
+def standing_cook():
+    """(rgb, annotated person) of a real full-body view: a cook seen from behind, head to feet, in a
+    kitchen (fixture photo coco-000000397133.jpg)."""
+    data = fixture_set.keypoint_annotations()
+    (entry,) = [i for i in data["images"] if i["file_name"] == "coco-000000397133.jpg"]
+    annotation = max((a for a in data["annotations"] if a["image_id"] == entry["id"]),
+                     key=lambda a: a["num_keypoints"])
+    _, decoded = images.load(fixture_set.PHOTOS / entry["file_name"])
+    return decoded.rgb, annotated_person(annotation, entry["width"], entry["height"])
+
+
+def test_auto_recovers_a_head_cropped_person(auto_detector, standing_cook):
+    rgb, annotated = standing_cook
+    top = int(_y(annotated.keypoints, "right_hip", "left_hip"))     # cut at the hips: no face for BlazePose
     legs = np.ascontiguousarray(rgb[top:])
     assert auto_detector.blazepose.detect(legs) == []
     (person,) = auto_detector.detect(legs)
@@ -125,6 +138,7 @@ def test_auto_recovers_a_head_cropped_person(auto_detector, front_view):
         assert person[J[joint], 2] > 0 and distance < 0.1 * annotated.size, joint
 
 
+@pytest.mark.realdata
 def test_auto_keeps_legs_only_models_and_rejects_ghost_garments(auto_detector, shared_data):
     # Hand-labelled in benchmarks/person_labels.csv: 00017 legs of a model, 00243 a ghost blazer.
     images_folder = shared_data / "deepfashion-attr/img"
@@ -170,8 +184,8 @@ def test_openpose_json_reads_nested_and_flat_layouts(tmp_path):
         detector.detect(rgb, "missing.jpg")
 
 
-def test_mmpose_mapping_on_real_annotations(shared_data):
-    data = json.loads((shared_data / "keypoints/coco-mini/annotations/person_keypoints_val2017.json").read_text())
+def test_mmpose_mapping_on_real_annotations():
+    data = fixture_set.keypoint_annotations()
     annotations = [a for a in data["annotations"] if a["num_keypoints"] >= 10][:3]
     instances, expected = [], []
     for annotation in annotations:

@@ -1,8 +1,7 @@
-import json
-
 import numpy as np
 import pytest
 
+import fixture_set
 from pose_prep import heatmaps, keypoints as kp
 
 IMAGE = (224, 224)   # (width, height): 4 image pixels per cell of the 56×56 grid
@@ -102,10 +101,11 @@ def test_non_square_images_and_grids_scale_each_axis():
     assert (row, column) in {(9, 29), (9, 30), (10, 29), (10, 30)}
 
 
-def test_real_annotated_person_lights_each_joint(shared_data):
-    data = json.loads((shared_data / "keypoints/fashion-models/val.json").read_text())
+def test_real_annotated_person_lights_each_joint():
+    data = fixture_set.keypoint_annotations()
     image = {i["id"]: i for i in data["images"]}
-    annotation = data["annotations"][0]
+    # The tallest person with 16 or 17 labelled joints (a man standing in the street, head to feet).
+    annotation = max((a for a in data["annotations"] if a["num_keypoints"] >= 16), key=lambda a: a["bbox"][3])
     size = image[annotation["image_id"]]["width"], image[annotation["image_id"]]["height"]
     coco17 = np.asarray(annotation["keypoints"], np.float32).reshape(17, 3)
     coco17[:, 2] = coco17[:, 2] > 0

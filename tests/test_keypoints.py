@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+import fixture_set
 from pose_prep import keypoints as kp
 
 # README of ../shared: 18-order index i takes COCO index [...][i]; the neck (1) is mid-shoulders.
@@ -10,9 +11,9 @@ COCO17_SOURCE = [0, None, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3]
 
 
 @pytest.fixture(scope="module")
-def coco_people(shared_data):
-    """Real annotated people (COCO-17 x, y, v) from coco-mini."""
-    annotations = json.loads((shared_data / "keypoints/coco-mini/annotations/person_keypoints_val2017.json").read_text())
+def coco_people():
+    """Real annotated people (COCO-17 x, y, v) of the fixture set's COCO photos."""
+    annotations = fixture_set.keypoint_annotations()
     people = [np.asarray(a["keypoints"], np.float32).reshape(17, 3) for a in annotations["annotations"]
               if a["num_keypoints"] >= 10]
     assert len(people) >= 5

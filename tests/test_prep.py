@@ -1,4 +1,4 @@
-"""`vsam prep-pose` on real DeepFashion photos with the real BlazePose detector: incremental reruns,
+"""`vsam prep-pose` on the fixture set's real photos with the real BlazePose detector: incremental reruns,
 relabelling, the bad-file zoo, real kill -9 of real processes, two concurrent runs, the Dask backend."""
 from __future__ import annotations
 
@@ -18,20 +18,24 @@ import numpy as np
 import pytest
 
 import bad_images
+import fixture_set
+from fixture_set import copy_photos
 from pose_prep import lock
 from pose_prep.prep import PrepError, PrepOptions, RetireLimit, catalog_problems, run
 from pose_prep.shard_format import Shard, collection_info, live_items, open_index, verify_shard
 
 VSAM = str(Path(sys.executable).with_name("vsam"))
-# Train, val, test and one image that no split file lists.
-SUBSET = ["00000", "00001", "00002", "00003", "00004", "00005", "05000", "05001", "06000", "05600"]
+LABELS = fixture_set.ATTR_CHALLENGE
 
 
-def copy_photos(shared_data: Path, folder: Path, numbers) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for number in numbers:
-        shutil.copyfile(shared_data / "deepfashion-attr" / "img" / f"{number}.jpg", folder / f"{number}.jpg")
-    return folder
+def photo(number: int) -> str:
+    return f"coco-{number:012d}.jpg"
+
+
+# Six train, two val, one test and one photo that no split file lists; BlazePose finds a person in the
+# first two (a man standing in the street, people at a dinner table), in the val photo of a cook too.
+SUBSET = [photo(n) for n in (234748, 790, 62554, 78499, 84284, 107438, 397133, 358083, 423617, 557172)]
+MORE_TRAIN = [photo(n) for n in (121647, 125870, 129648)]
 
 
 def prep(images: Path, out: Path, **options) -> "Report":  # noqa: F821
@@ -47,9 +51,9 @@ def shard_files(out: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")}
 
 
-def test_incremental_reruns_touch_only_what_changed(tmp_path, shared_data):
-    images, out = copy_photos(shared_data, tmp_path / "img", SUBSET), tmp_path / "shards"
-    labels = shared_data / "deepfashion-attr"
+def test_incremental_reruns_touch_only_what_changed(tmp_path):
+    images, out = copy_photos(tmp_path / "img", SUBSET), tmp_path / "shards"
+    labels = LABELS
     first = prep(images, out, labels=labels, shard_size=4)
     assert first.counts["new"] == 10 and first.processed == 10 and first.exit_code == 0
     assert collection_info(out)["splits"] == {"train": 6, "val": 2, "test": 1, "none": 1}
@@ -62,18 +66,18 @@ def test_incremental_reruns_touch_only_what_changed(tmp_path, shared_data):
     assert again.counts["unchanged"] == 10 and again.processed == 0 and again.stored == 0
     assert shard_files(out) == before                               # not one shard rewritten
 
-    copy_photos(shared_data, images, ["00010", "00011"])                                     # 2 new
-    (images / "00001.jpg").write_bytes((shared_data / "deepfashion-attr/img/00012.jpg").read_bytes())  # changed
-    (images / "00002.jpg").unlink()                                                          # deleted
-    os.utime(images / "00003.jpg", ns=(time.time_ns(), time.time_ns() + 10**9))            # touched only
+    copy_photos(images, MORE_TRAIN[:2])                                                        # 2 new
+    (images / SUBSET[1]).write_bytes((fixture_set.PHOTOS / MORE_TRAIN[2]).read_bytes())       # changed
+    (images / SUBSET[2]).unlink()                                                              # deleted
+    os.utime(images / SUBSET[3], ns=(time.time_ns(), time.time_ns() + 10**9))                # touched only
     old = items_by_path(out)
     third = prep(images, out, labels=labels, shard_size=4)
     c = third.counts
     assert (c["new"], c["changed"], c["deleted"], c["unchanged"], third.processed) == (2, 1, 1, 8, 3)
     now = items_by_path(out)
     assert set(now) == {p.name for p in images.iterdir()}
-    assert now["00001.jpg"]["sha256"] == hashlib.sha256((images / "00001.jpg").read_bytes()).hexdigest()
-    for untouched in ("00000.jpg", "00003.jpg", "05000.jpg"):
+    assert now[SUBSET[1]]["sha256"] == hashlib.sha256((images / SUBSET[1]).read_bytes()).hexdigest()
+    for untouched in (SUBSET[0], SUBSET[3], SUBSET[6]):
         assert (now[untouched]["shard"], now[untouched]["row"]) == (old[untouched]["shard"], old[untouched]["row"])
     assert catalog_problems(out, images) == []
 
@@ -83,37 +87,40 @@ def test_incremental_reruns_touch_only_what_changed(tmp_path, shared_data):
     assert report["status"] == "completed" and report["counts"]["unchanged"] == 11 and report["exit_code"] == 0
 
 
-def test_new_labels_relabel_without_detecting_again(tmp_path, shared_data):
-    images, out = copy_photos(shared_data, tmp_path / "img", SUBSET[:4]), tmp_path / "shards"
+def test_new_labels_relabel_without_detecting_again(tmp_path):
+    images, out = copy_photos(tmp_path / "img", SUBSET[:4]), tmp_path / "shards"
     csv = tmp_path / "labels.csv"
-    csv.write_text("path,category,attributes,split,category_type\n00000.jpg,Dress,floral,train,3\n"
-                   "00001.jpg,Tee,,train,1\n00002.jpg,Jeans,,val,2\n")
+    csv.write_text(f"path,category,attributes,split,category_type\n{SUBSET[0]},Dress,floral,train,3\n"
+                   f"{SUBSET[1]},Tee,,train,1\n{SUBSET[2]},Jeans,,val,2\n")
     prep(images, out, labels=csv)
     before = {i["path"]: Shard(out / i["shard"]).item(i["row"]) for i in live_items(out)}
 
-    csv.write_text(csv.read_text().replace("00000.jpg,Dress,floral,train,3", "00000.jpg,Jeans,floral;maxi,val,2"))
+    csv.write_text(csv.read_text().replace(f"{SUBSET[0]},Dress,floral,train,3", f"{SUBSET[0]},Jeans,floral;maxi,val,2"))
     report = prep(images, out, labels=csv)
     assert report.counts["relabelled"] == 4 and report.processed == 0   # a new vocabulary: every row copied
     after = {i["path"]: Shard(out / i["shard"]).item(i["row"]) for i in live_items(out)}
-    jeans = after["00000.jpg"]
+    jeans = after[SUBSET[0]]
     assert (jeans.category, jeans.attributes.tolist(), jeans.split) == (0, [1, 1], "val")   # no Dress left: Jeans, Tee
-    np.testing.assert_array_equal(jeans.keypoints, before["00000.jpg"].keypoints)
-    assert jeans.image == before["00000.jpg"].image
+    np.testing.assert_array_equal(jeans.keypoints, before[SUBSET[0]].keypoints)
+    assert jeans.image == before[SUBSET[0]].image
     # Jeans are a lower-body item: only hips, knees and ankles light the heatmap now.
-    assert jeans.heatmap.sum() < before["00000.jpg"].heatmap.sum()
-    assert after["00003.jpg"].split == "none" and after["00003.jpg"].category == -1
+    assert jeans.heatmap.sum() < before[SUBSET[0]].heatmap.sum()
+    assert after[SUBSET[3]].split == "none" and after[SUBSET[3]].category == -1
     assert catalog_problems(out, images) == []
 
     with pytest.raises(PrepError, match="was built with the labels of .*labels.csv: pass --labels again"):
         prep(images, out)
 
 
-def test_crop_bbox_stores_the_annotated_box(tmp_path, shared_data):
-    images, out = copy_photos(shared_data, tmp_path / "img", ["00000", "05000"]), tmp_path / "shards"
-    prep(images, out, labels=shared_data / "deepfashion-attr", crop_bbox=True)
+def test_crop_bbox_stores_the_annotated_box(tmp_path):
+    train, val = SUBSET[1], SUBSET[7]
+    images, out = copy_photos(tmp_path / "img", [train, val]), tmp_path / "shards"
+    prep(images, out, labels=LABELS, crop_bbox=True)
     stored = {i["path"]: Shard(out / i["shard"]).item(i["row"]) for i in live_items(out)}
-    assert (stored["00000.jpg"].width, stored["00000.jpg"].height) == (165 - 62, 300 - 62)   # train_bbox row 1
-    assert (stored["05000.jpg"].width, stored["05000.jpg"].height) == (139 - 60, 269 - 50)   # val_bbox row 1
+    assert fixture_set.bboxes("train")[train] == (325, 101, 472, 316)       # train_bbox.txt row 1
+    assert (stored[train].width, stored[train].height) == (472 - 325, 316 - 101)
+    x1, y1, x2, y2 = fixture_set.bboxes("val")[val]
+    assert (stored[val].width, stored[val].height) == (x2 - x1, y2 - y1)
 
 
 def test_bad_file_zoo_each_recorded_with_its_reason_the_rest_processed(tmp_path):
@@ -153,8 +160,8 @@ def test_nothing_processable_is_a_failure(tmp_path):
     assert prep(tmp_path / "none", tmp_path / "shards2").exit_code == 1     # no image at all
 
 
-def test_jobs_2_gives_the_same_items_as_one_job(tmp_path, shared_data):
-    images = copy_photos(shared_data, tmp_path / "img", SUBSET[:6])
+def test_jobs_2_gives_the_same_items_as_one_job(tmp_path):
+    images = copy_photos(tmp_path / "img", SUBSET[:6])
     prep(images, tmp_path / "one")
     prep(images, tmp_path / "two", jobs=2, shard_size=2)
     one, two = items_by_path(tmp_path / "one"), items_by_path(tmp_path / "two")
@@ -166,10 +173,10 @@ def test_jobs_2_gives_the_same_items_as_one_job(tmp_path, shared_data):
         np.testing.assert_allclose(a.keypoints, b.keypoints, atol=0.5)
 
 
-def test_dask_backend_against_a_local_cluster(tmp_path, shared_data):
+def test_dask_backend_against_a_local_cluster(tmp_path):
     from distributed import LocalCluster
 
-    images = copy_photos(shared_data, tmp_path / "img", SUBSET[:5])
+    images = copy_photos(tmp_path / "img", SUBSET[:5])
     prep(images, tmp_path / "local")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
                       dashboard_address=None) as cluster:
@@ -182,8 +189,8 @@ def test_dask_backend_against_a_local_cluster(tmp_path, shared_data):
     assert catalog_problems(tmp_path / "dask", images) == []
 
 
-def test_dask_without_a_scheduler_stops_before_anything_is_touched(tmp_path, shared_data):
-    images = copy_photos(shared_data, tmp_path / "img", SUBSET[:1])
+def test_dask_without_a_scheduler_stops_before_anything_is_touched(tmp_path):
+    images = copy_photos(tmp_path / "img", SUBSET[:1])
     with pytest.raises(PrepError, match="--backend dask needs --scheduler ADDRESS"):
         prep(images, tmp_path / "shards", backend="dask")
     assert not (tmp_path / "shards").exists()
@@ -214,8 +221,9 @@ def kill_group(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def kill_catalog(tmp_path_factory, shared_data) -> Path:
-    return copy_photos(shared_data, tmp_path_factory.mktemp("kill") / "img", [f"{n:05d}" for n in range(24)])
+def kill_catalog(tmp_path_factory) -> Path:
+    names = sorted(path.name for path in fixture_set.PHOTOS.glob("*.jpg"))[:24]
+    return copy_photos(tmp_path_factory.mktemp("kill") / "img", names)
 
 
 @pytest.mark.parametrize("trial", range(3))

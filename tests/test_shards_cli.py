@@ -8,23 +8,22 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import fixture_set
 from cli import EXIT_FAILED, main
 from shard_faults import flip_byte
 
-# Train, val, test and two images that no split file lists.
-NUMBERS = ["00007", "00008", "00009", "05002", "05003", "05004", "06001", "06002", "05700", "05701"]
+# Fixture photos: three train, three val, two test and two that no split file lists; most show people.
+NAMES = [f"coco-{number:012d}.jpg" for number in (790, 129648, 165518, 397133, 433998, 358083, 442450, 423617,
+                                                  519208, 557172)]
 
 
 @pytest.fixture(scope="module")
-def collection(tmp_path_factory, shared_data) -> Path:
+def collection(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli")
-    images = root / "img"
-    images.mkdir()
-    for number in NUMBERS:
-        shutil.copyfile(shared_data / f"deepfashion-attr/img/{number}.jpg", images / f"{number}.jpg")
+    images = fixture_set.copy_photos(root / "img", NAMES)
     (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     result = CliRunner().invoke(main, ["prep-pose", "--images", str(images), "--labels",
-                                       str(shared_data / "deepfashion-attr"), "--out", str(root / "shards"),
+                                       str(fixture_set.ATTR_CHALLENGE), "--out", str(root / "shards"),
                                        "--shard-size", "4"])
     assert result.exit_code == 0, result.output
     assert "prep-pose: 10 new" in result.output and "1 rejected" in result.output
@@ -35,24 +34,24 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-def split_counts_from_split_files(shared_data: Path) -> dict[str, int]:
+def split_counts_from_split_files() -> dict[str, int]:
     listed = {}
     for split in ("train", "val", "test"):
-        for line in (shared_data / f"deepfashion-attr/split/{split}.txt").read_text().split():
-            listed[Path(line).stem] = split
+        for line in (fixture_set.ATTR_CHALLENGE / f"split/{split}.txt").read_text().split():
+            listed[Path(line).name] = split
     counts = dict.fromkeys(("train", "val", "test", "none"), 0)
-    for number in NUMBERS:
-        counts[listed.get(number, "none")] += 1
+    for name in NAMES:
+        counts[listed.get(name, "none")] += 1
     return counts
 
 
-def test_info_matches_the_split_files(collection, shared_data):
+def test_info_matches_the_split_files(collection):
     result = invoke("shards", "info", str(collection))
     assert result.exit_code == 0
     info = json.loads(result.output)
-    assert info["splits"] == split_counts_from_split_files(shared_data) == {"train": 3, "val": 3, "test": 2, "none": 2}
+    assert info["splits"] == split_counts_from_split_files() == {"train": 3, "val": 3, "test": 2, "none": 2}
     assert info["items"] == 10 and info["with_pose"] + info["without_pose"] == 10 and info["with_pose"] >= 5
-    assert info["schema_version"] == 1 and info["detector"] == "auto" and info["detector_version"]   # the default
+    assert info["schema_version"] == 2 and info["detector"] == "auto" and info["detector_version"]   # the default
     assert info["vocabulary"]["attribute_groups"][:8] == ["texture"] * 7 + ["sleeve"]
     assert info["vocabulary"]["exclusive_groups"] is True
     assert info["heatmap"]["size"] == [56, 56]
@@ -63,7 +62,7 @@ def test_info_matches_the_split_files(collection, shared_data):
 def test_list_prints_one_json_line_per_live_item(collection):
     result = invoke("shards", "list", str(collection))
     lines = [json.loads(line) for line in result.output.splitlines()]
-    assert sorted(line["path"] for line in lines) == sorted(f"{n}.jpg" for n in NUMBERS)
+    assert sorted(line["path"] for line in lines) == sorted(NAMES)
     assert all(set(line) == {"path", "sha256", "split", "has_pose", "shard", "row"} for line in lines)
     assert {(line["shard"], line["row"]) for line in lines} == {(f"shard-00000{i // 4 + 1}.h5", i % 4)
                                                                  for i in range(10)}
@@ -89,9 +88,9 @@ def test_not_a_collection_is_a_clear_error(tmp_path):
     assert result.exit_code == EXIT_FAILED and "no shard index here" in result.output
 
 
-def test_bad_labels_stop_prep_pose_before_anything_is_written(tmp_path, shared_data):
+def test_bad_labels_stop_prep_pose_before_anything_is_written(tmp_path):
     (tmp_path / "labels.csv").write_text("path,split\na.jpg,holdout\n")
-    result = invoke("prep-pose", "--images", str(shared_data / "deepfashion-attr/img"), "--labels",
+    result = invoke("prep-pose", "--images", str(fixture_set.PHOTOS), "--labels",
                     str(tmp_path / "labels.csv"), "--out", str(tmp_path / "shards"))
     assert result.exit_code == EXIT_FAILED and "labels.csv:2: split 'holdout'" in result.output
     assert not list((tmp_path / "shards").glob("shard-*.h5")) and not (tmp_path / "shards/index.sqlite").exists()

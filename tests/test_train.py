@@ -12,6 +12,7 @@ import torch
 import yaml
 from click.testing import CliRunner
 
+import fixture_set
 from cli import main as vsam
 from pose_prep import lock
 from pose_prep.images import load
@@ -32,7 +33,7 @@ def _lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_tiny_training_on_real_shards_lowers_the_loss_and_leaves_a_complete_run_folder(df_shards, tmp_path, shared_data):
+def test_tiny_training_on_real_shards_lowers_the_loss_and_leaves_a_complete_run_folder(df_shards, tmp_path):
     config = load_config(TINY, {"train.epochs": 3, "train.batch_size": 16, "train.log_every": 2,
                                 "data.num_workers": 0, "data.max_val_batches": None})
     run = tmp_path / "run"
@@ -54,7 +55,7 @@ def test_tiny_training_on_real_shards_lowers_the_loss_and_leaves_a_complete_run_
     model, info = load_for_inference(run / "checkpoints" / "last.pt")
     assert not model.training and info["image_size"] == 64 and len(info["vocabulary"].attributes) == 26
     assert info["vocabulary"].group_names[1] == "sleeve" and info["config"] == config
-    _, image = load(shared_data / "deepfashion-attr" / "img" / "05000.jpg")
+    _, image = load(fixture_set.PHOTOS / fixture_set.split_names("val")[0])
     with torch.no_grad():
         out = model(preprocess(image.rgb, info["image_size"])[None])
     assert out["attributes"].shape == (1, 26) and out["attention"].shape == (1, 1, 16, 16)
