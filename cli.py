@@ -134,7 +134,8 @@ def _echo_label_mismatches(match: dict) -> None:
 @click.option("--scheduler", help="Dask scheduler address (with --backend dask), e.g. tcp://10.0.0.5:8786.")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Items per shard.")
 @click.option("--strict", is_flag=True,
-              help="Exit 1 while any file of the catalog is rejected, or a folder or file could not be read.")
+              help="Exit 1 while any file of the catalog is rejected, a folder or file could not be read, or (with "
+                   "--labels) an image is unlabelled or a label row matches no image.")
 @click.option("--max-retire", default="10%", show_default=True, metavar="N|P%", callback=_max_retire,
               help="Refuse (change nothing, exit 1) a run that would retire more live items than this: a count "
                    "(500) or a share of the live items (10%); 100% allows any, also an empty --images.")
@@ -152,7 +153,9 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     one run at a time per output folder (a second one exits with code 75). Exit code 0 also when
     some files were rejected (they are listed in the report); 1 when the run was refused (it would
     retire more than --max-retire, or found no image at all: nothing was changed), with --strict while
-    any file is rejected, or when nothing could be processed."""
+    any file is rejected or unreadable or the labels do not pair one to one with the images, or when
+    nothing could be processed. A label row pairs with an image only when one path is a
+    whole-component suffix of the other and no other pairing is possible."""
     from pathlib import Path
 
     from pose_prep import lock
