@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 EXTRAS := blazepose,yolo,dask,export,dev
 DEMO := demo-out
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-data clean
 
 setup: $(VENV)/.installed
 
@@ -42,8 +42,14 @@ demo: setup
 		--images $(DEMO)/images --out $(DEMO)/explain --device cpu
 	@echo "demo: $(DEMO)/predictions.jsonl has one JSON line per photo; open $(DEMO)/explain/index.html in a browser"
 
+# The default suite reads only tests/data and what the tests create (setup.cfg deselects `realdata`).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not realdata"
+
+# The opt-in real-data suite: the research-only sets in ../shared/data, or VSAM_SHARED_DATA=/path/to/data.
+# Fails (never skips) when they are not there.
+test-data: setup
+	$(BIN)/python -m pytest -q -m realdata
 
 clean:
 	rm -rf $(VENV) $(DEMO) *.egg-info
