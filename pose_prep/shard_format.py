@@ -10,6 +10,16 @@ A shard collection is a folder holding
   deleted by the next writer.
 
 Nothing is pickled: arrays are plain HDF5 datasets and structured metadata is JSON text.
+
+Everything a reader takes from these files is covered by a checksum, so that a damaged byte is
+named rather than trained on: each shard dataset (sha256 in the `checksums` attribute), the file
+attributes together (`attributes_checksum`) and each row of the index (its `checksum` column).
+Readers check what they read (`Shard.read`, `Shard.item`, the index queries below) and raise
+ShardFormatError naming the file; `verify_collection` checks everything.
+
+A change of either file's layout bumps SCHEMA_VERSION; readers and writers refuse any other version
+with `check_schema`'s message (rebuild with prep-pose into a new folder). Version 2 added the
+attribute and index-row checksums.
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ import numpy as np
 from .atomic import atomic_path
 from .keypoints import NUM_JOINTS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 INDEX_NAME = "index.sqlite"
 SHARD_GLOB = "shard-*.h5"
 _SHARD_RE = re.compile(r"^shard-(\d{6})\.h5$")
@@ -43,6 +53,10 @@ ITEM_DATASETS = ("image_offsets", "image_bytes", "heatmap", "keypoints", "has_po
 
 class ShardFormatError(Exception):
     """A shard or index that this version cannot read, or that is damaged; names the file."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 @dataclass
@@ -61,6 +75,21 @@ class Vocabulary:
     @classmethod
     def from_json(cls, text: str) -> "Vocabulary":
         return cls(**json.loads(text))
+
+    @classmethod
+    def parse(cls, text, where: str | Path) -> "Vocabulary":
+        """`from_json` for text read from a file: anything but a vocabulary is a ShardFormatError."""
+        try:
+            vocabulary = cls.from_json(text)
+        except (TypeError, ValueError) as error:
+            raise ShardFormatError(f"{where}: the label vocabulary does not parse ({_one_line(error)})") from None
+        lists = (vocabulary.categories, vocabulary.category_types, vocabulary.attributes, vocabulary.attribute_groups)
+        if not all(isinstance(values, list) for values in lists) or \
+                not all(isinstance(v, str) for v in vocabulary.categories + vocabulary.attributes
+                        + vocabulary.attribute_groups) or \
+                not all(isinstance(v, int) for v in vocabulary.category_types):
+            raise ShardFormatError(f"{where}: the label vocabulary holds values of the wrong type")
+        return vocabulary
 
     @property
     def group_names(self) -> list[str]:
@@ -136,10 +165,40 @@ def _checksum(array: np.ndarray) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+ATTRIBUTES_CHECKSUM = "attributes_checksum"
+_INT_ATTRIBUTES = ("schema_version", "n_items")
+_TEXT_ATTRIBUTES = ("created", "vocabulary", "heatmap", "detector", "detector_version", "image_encoding", "splits",
+                    "checksums")
+
+
+def _attributes_checksum(attrs: dict) -> str:
+    """sha256 of every file attribute but this one, names and types included: a damaged byte in a
+    value (vocabulary, heatmap parameters, detector, the dataset checksums...), a name or a type
+    changes it."""
+    canonical = {name: [type(value).__name__, value.item() if isinstance(value, np.generic) else value]
+                 for name, value in attrs.items() if name != ATTRIBUTES_CHECKSUM}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _label_problem(arrays: dict[str, np.ndarray], vocabulary: Vocabulary) -> str | None:
+    """The first label value out of the vocabulary's range, as "row R: ..." (None when all fit)."""
+    if "category" in arrays:
+        category, n = arrays["category"], len(vocabulary.categories)
+        bad = np.flatnonzero((category < -1) | (category >= n))
+        if len(bad):
+            return (f"row {bad[0]}: category {category[bad[0]]} is outside the vocabulary's {n} categories "
+                    f"(0..{n - 1}, -1 unknown)")
+    if "attributes" in arrays:
+        attributes = arrays["attributes"]
+        bad = np.argwhere((attributes < -1) | (attributes > 1))
+        if len(bad):
+            row, column = bad[0]
+            return f"row {row}: attribute {column} is {attributes[row, column]}, not 1, 0 or -1 (unknown)"
+    return None
+
+
 def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadata) -> None:
-    """Write a complete shard atomically: temporary file, fsync, rename, fsync of the folder. The
-    temporary file is `.shard-NNNNNN.h5.tmp` (the writer holds the folder's lock), the name
-    `remove_orphans` removes after a kill."""
+    """Write a complete shard atomically: temporary file, fsync, rename, fsync of the folder."""
     path = Path(path)
     if not items:
         raise ValueError("a shard holds at least one item")
@@ -149,7 +208,10 @@ def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadat
         if np.shape(item.keypoints) != (NUM_JOINTS, 3):
             raise ValueError(f"{item.path}: keypoints must be ({NUM_JOINTS}, 3)")
     arrays = _item_arrays(items, len(metadata.vocabulary.attributes))
-    with atomic_path(path, durable=True, single_writer=True) as temporary, h5py.File(temporary, "w") as f:
+    problem = _label_problem(arrays, metadata.vocabulary)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    with atomic_path(path, durable=True) as temporary, h5py.File(temporary, "w") as f:
         for name in ITEM_DATASETS:
             array = arrays[name]
             if name == "path":
@@ -169,30 +231,151 @@ def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadat
         f.attrs["image_encoding"] = json.dumps(metadata.image_encoding, sort_keys=True)
         f.attrs["splits"] = json.dumps(SPLITS)
         f.attrs["checksums"] = json.dumps({name: _checksum(arrays[name]) for name in ITEM_DATASETS}, sort_keys=True)
+        # Of the attributes as they read back (types included), so that a reader computes the same.
+        f.attrs[ATTRIBUTES_CHECKSUM] = _attributes_checksum(dict(f.attrs.items()))
+
+
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Any error of the HDF5 library reading `what` (damaged bytes give OSError, KeyError, TypeError,
+    ValueError, RuntimeError... depending on where they are) as one ShardFormatError naming the file."""
+    try:
+        yield
+    except ShardFormatError:
+        raise
+    except Exception as error:
+        raise ShardFormatError(f"{path}: {what} unreadable ({_one_line(error)})") from None
+
+
+@dataclass
+class _Header:
+    """A shard's file attributes, checked (types, checksum) and parsed."""
+    attrs: dict
+    n_items: int
+    vocabulary: Vocabulary
+    heatmap: dict
+    checksums: dict
+    image_bytes: int = 0          # length of the image_bytes dataset
+
+
+def _read_header(file: h5py.File, path: Path) -> _Header:
+    with _reading(path, "file attributes"):
+        attrs = {name: file.attrs[name] for name in file.attrs}
+    check_schema(attrs.get("schema_version"), path)
+    for name in _INT_ATTRIBUTES + _TEXT_ATTRIBUTES + (ATTRIBUTES_CHECKSUM,):
+        expected = np.integer if name in _INT_ATTRIBUTES else str
+        if not isinstance(attrs.get(name), expected):
+            raise ShardFormatError(f"{path}: attribute {name} is missing or not a "
+                                   f"{'number' if expected is np.integer else 'text'}")
+    if _attributes_checksum(attrs) != attrs[ATTRIBUTES_CHECKSUM]:
+        raise ShardFormatError(f"{path}: file attributes do not match their checksum")
+    try:
+        heatmap, checksums = json.loads(attrs["heatmap"]), json.loads(attrs["checksums"])
+        assert isinstance(heatmap, dict) and isinstance(checksums, dict)
+    except (ValueError, AssertionError):
+        raise ShardFormatError(f"{path}: the heatmap or checksums attribute does not parse") from None
+    return _Header({name: _attr(value) for name, value in attrs.items()}, int(attrs["n_items"]),
+                   Vocabulary.parse(attrs["vocabulary"], path), heatmap, checksums)
+
+
+def _expected_layout(header: _Header) -> dict[str, tuple[np.dtype, tuple | None]]:
+    """dtype and shape of each dataset (None: checked by `_check_layout` itself)."""
+    n, size = header.n_items, header.heatmap.get("size")
+    return {
+        "image_offsets": (np.dtype("<i8"), (n + 1,)), "image_bytes": (np.dtype("u1"), None),
+        "heatmap": (np.dtype("u1"), (n, *size) if isinstance(size, list) and len(size) == 2 else None),
+        "keypoints": (np.dtype("<f4"), (n, NUM_JOINTS, 3)), "has_pose": (np.dtype("u1"), (n,)),
+        "category": (np.dtype("<i4"), (n,)), "attributes": (np.dtype("i1"), (n, len(header.vocabulary.attributes))),
+        "split": (np.dtype("u1"), (n,)), "path": (None, (n,)), "sha256": (np.dtype("S64"), (n,)),
+        "width": (np.dtype("<i4"), (n,)), "height": (np.dtype("<i4"), (n,)),
+    }
+
+
+def _check_layout(file: h5py.File, header: _Header, path: Path) -> None:
+    """Every dataset there, with the type and shape the attributes imply, before anything is read (a
+    damaged type would read different values from intact bytes; a damaged shape, a huge allocation)."""
+    for name, (dtype, shape) in _expected_layout(header).items():
+        with _reading(path, f"dataset {name}"):
+            if name not in file:
+                raise ShardFormatError(f"{path}: dataset {name} is missing")
+            dataset = file[name]
+            actual_dtype, actual_shape = dataset.dtype, dataset.shape
+            if name == "image_bytes":
+                contiguous = dataset.chunks is None and dataset.compression is None
+                storage = dataset.id.get_storage_size()
+            elif name == "heatmap" and shape is None:
+                shape = (header.n_items, *actual_shape[1:]) if len(actual_shape) == 3 else ("n", "h", "w")
+            string = h5py.check_string_dtype(actual_dtype) if dtype is None else None
+        if (dtype is None and (string is None or string.encoding != "utf-8" or string.length is not None)) or \
+                (dtype is not None and actual_dtype != dtype) or actual_shape != shape and shape is not None:
+            raise ShardFormatError(f"{path}: dataset {name} is {actual_dtype} {actual_shape}, expected "
+                                   f"{dtype or 'UTF-8 text'} {shape or ''}".rstrip())
+        if name == "image_bytes":
+            if len(actual_shape) != 1 or not contiguous or storage != actual_shape[0]:
+                raise ShardFormatError(f"{path}: dataset image_bytes is {actual_shape}, stored in {storage} bytes")
+            header.image_bytes = actual_shape[0]
+
+
+def _value_problem(name: str, array: np.ndarray, header: _Header) -> str | None:
+    """Values a reader could not use though their checksum matches (a foreign or faulty writer)."""
+    if name in ("category", "attributes"):
+        return _label_problem({name: array}, header.vocabulary)
+    if name == "image_offsets":
+        if array[0] != 0 or array[-1] != header.image_bytes or np.any(np.diff(array) < 0):
+            return f"image_offsets do not cut the {header.image_bytes} image bytes into items"
+    limits = {"split": len(SPLITS) - 1, "has_pose": 1}
+    if name in limits:
+        bad = np.flatnonzero(array > limits[name])
+        if len(bad):
+            return f"row {bad[0]}: {name} is {array[bad[0]]} (at most {limits[name]})"
+    if name in ("width", "height"):
+        bad = np.flatnonzero(array <= 0)
+        if len(bad):
+            return f"row {bad[0]}: {name} is {array[bad[0]]}"
+    if name == "sha256":
+        digits = array.view(np.uint8).reshape(len(array), -1)
+        bad = np.flatnonzero(~np.isin(digits, np.frombuffer(b"0123456789abcdef", np.uint8)).all(axis=1))
+        if len(bad):
+            return f"row {bad[0]}: sha256 is not 64 hexadecimal digits"
+    return None
 
 
 class Shard:
     """A read-only shard. Opens the HDF5 file on first use, so it can be built in one process and
-    used in another (DataLoader workers must each open their own handle)."""
+    used in another (DataLoader workers must each open their own handle).
+
+    Opening checks the file attributes against their checksum and every dataset's type and shape;
+    `read` checks each dataset it reads against its checksum and its values (labels within the
+    vocabulary, offsets, splits...); `item` checks the whole shard once. Damage is a ShardFormatError
+    naming the file (and the row, for a value)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._file: h5py.File | None = None
+        self._header: _Header | None = None
+        self._checked = False         # every dataset read once and checked (for `item`)
 
     @property
     def file(self) -> h5py.File:
         if self._file is None:
+            with _reading(self.path, "HDF5 file"):
+                try:
+                    file = h5py.File(self.path, "r")
+                except OSError as error:
+                    raise ShardFormatError(f"{self.path}: not a readable HDF5 shard ({_one_line(error)})") from None
             try:
-                file = h5py.File(self.path, "r")
-            except OSError as error:
-                raise ShardFormatError(f"{self.path}: not a readable HDF5 shard ({error})") from None
-            try:
-                check_schema(file.attrs.get("schema_version"), self.path)
-            except ShardFormatError:
+                header = _read_header(file, self.path)
+                _check_layout(file, header, self.path)
+            except BaseException:
                 file.close()      # and keep refusing it: only a checked file is kept open
                 raise
-            self._file = file
+            self._file, self._header = file, header
         return self._file
+
+    @property
+    def header(self) -> _Header:
+        self.file
+        return self._header
 
     def close(self) -> None:
         if self._file is not None:
@@ -206,39 +389,60 @@ class Shard:
         self.close()
 
     def __len__(self) -> int:
-        return int(self.file.attrs["n_items"])
+        return self.header.n_items
 
     @property
     def vocabulary(self) -> Vocabulary:
-        return Vocabulary.from_json(self.file.attrs["vocabulary"])
+        return self.header.vocabulary
 
     @property
     def heatmap_params(self) -> dict:
-        return json.loads(self.file.attrs["heatmap"])
+        return self.header.heatmap
 
     def attrs(self) -> dict:
-        return {key: _attr(value) for key, value in self.file.attrs.items()}
+        return dict(self.header.attrs)
 
     def read(self, names: tuple[str, ...] = ITEM_DATASETS) -> dict[str, np.ndarray]:
-        """Whole datasets into memory: one read per dataset is the fast way through a shard."""
-        return {name: _read_dataset(self.file[name]) for name in names}
+        """Whole datasets into memory (one read per dataset is the fast way through a shard), each
+        checked against its checksum and for values a reader could not use."""
+        header, data = self.header, {}
+        for name in names:
+            with _reading(self.path, f"dataset {name}"):
+                array = _read_dataset(self.file[name])
+            if _checksum(array) != header.checksums.get(name):
+                raise ShardFormatError(f"{self.path}: dataset {name} does not match its checksum")
+            problem = _value_problem(name, array, header)
+            if problem:
+                raise ShardFormatError(f"{self.path}: {problem}")
+            data[name] = array
+        return data
 
     def image(self, row: int, offsets: np.ndarray | None = None) -> bytes:
-        offsets = self.file["image_offsets"] if offsets is None else offsets
+        """One item's encoded image. Read alone, its bytes are not checked against the checksum (that
+        takes the whole dataset: `read`, `item`, `verify_shard`); a damaged JPEG fails to decode."""
+        offsets = self.read(("image_offsets",))["image_offsets"] if offsets is None else offsets
         start, end = int(offsets[row]), int(offsets[row + 1])
-        return self.file["image_bytes"][start:end].tobytes()
+        with _reading(self.path, f"image of row {row}"):
+            return self.file["image_bytes"][start:end].tobytes()
 
     def item(self, row: int) -> ShardItem:
-        """One row back as a ShardItem (prep-pose copies rows when only labels change)."""
-        f = self.file
+        """One row back as a ShardItem (prep-pose copies rows when only labels change). The first call
+        reads and checks every dataset of the shard, so that a copy never carries damage forward under
+        a fresh checksum."""
         if not 0 <= row < len(self):
             raise IndexError(f"{self.path}: row {row} is outside 0..{len(self) - 1}")
-        return ShardItem(
-            image=self.image(row), heatmap=f["heatmap"][row], keypoints=f["keypoints"][row],
-            has_pose=bool(f["has_pose"][row]), category=int(f["category"][row]),
-            attributes=f["attributes"][row], split=SPLITS[int(f["split"][row])],
-            path=f["path"].asstr()[row],
-            sha256=f["sha256"][row].decode("ascii"), width=int(f["width"][row]), height=int(f["height"][row]))
+        if not self._checked:
+            self.read()
+            self._checked = True
+        f = self.file
+        with _reading(self.path, f"row {row}"):
+            start, end = (int(offset) for offset in f["image_offsets"][row:row + 2])
+            return ShardItem(
+                image=f["image_bytes"][start:end].tobytes(), heatmap=f["heatmap"][row], keypoints=f["keypoints"][row],
+                has_pose=bool(f["has_pose"][row]), category=int(f["category"][row]),
+                attributes=f["attributes"][row], split=SPLITS[int(f["split"][row])],
+                path=f["path"].asstr()[row],
+                sha256=f["sha256"][row].decode("ascii"), width=int(f["width"][row]), height=int(f["height"][row]))
 
 
 def _read_dataset(dataset: h5py.Dataset) -> np.ndarray:
@@ -257,41 +461,50 @@ def _attr(value):
 def check_schema(version, where: str | Path) -> None:
     if version is None:
         raise ShardFormatError(f"{where}: no schema_version attribute: not a vsam shard")
-    if int(version) != SCHEMA_VERSION:
+    try:
+        number = int(version)
+    except (TypeError, ValueError):
+        raise ShardFormatError(f"{where}: schema_version {version!r} is not a number: not a vsam shard") from None
+    if number != SCHEMA_VERSION:
         raise ShardFormatError(
-            f"{where}: shard schema version {int(version)} is not supported by this vsam "
-            f"(it reads version {SCHEMA_VERSION}); rebuild the shards with `vsam prep-pose` of this version")
+            f"{where}: shard schema version {number} is not supported by this vsam "
+            f"(it reads version {SCHEMA_VERSION}); rebuild the shards with `vsam prep-pose` of this version "
+            "into a new --out folder")
 
 
 def verify_shard(path: str | Path) -> list[str]:
-    """Problems found in one shard file (empty when it is sound): schema, datasets, checksums."""
-    problems = []
+    """Problems found in one shard file (empty when it is sound): schema, attributes and their
+    checksum, every dataset's type, shape, checksum and values. Never raises for a damaged file."""
+    with Shard(path) as shard:
+        return _shard_problems(shard)[0]
+
+
+def _shard_problems(shard: Shard) -> tuple[list[str], dict[str, np.ndarray]]:
+    """(`verify_shard`'s problems, the datasets that were read and are sound)."""
+    problems, data = [], {}
     try:
-        with h5py.File(path, "r") as f:
-            try:
-                check_schema(f.attrs.get("schema_version"), path)
-            except ShardFormatError as error:
-                return [str(error)]
-            expected = json.loads(_attr(f.attrs["checksums"]))
-            for name in ITEM_DATASETS:
-                if name not in f:
-                    problems.append(f"{path}: dataset {name} is missing")
-                    continue
-                if _checksum(_read_dataset(f[name])) != expected.get(name):
-                    problems.append(f"{path}: dataset {name} does not match its checksum")
-    except (OSError, KeyError, ValueError) as error:
-        problems.append(f"{path}: unreadable ({error})")
-    return problems
+        shard.file
+    except ShardFormatError as error:
+        return [str(error)], data
+    for name in ITEM_DATASETS:
+        try:
+            data.update(shard.read((name,)))
+        except ShardFormatError as error:
+            problems.append(str(error))
+    return problems, data
 
 
 # --- the index -----------------------------------------------------------------------------
 
+# Every row carries `checksum`, of its other values (`_row_checksum`): SQLite's integrity check sees
+# damage to its own structures, not a changed value inside a row.
 _INDEX_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL, checksum TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS shards (
     id INTEGER PRIMARY KEY,          -- the NNNNNN of shard-NNNNNN.h5
     n_items INTEGER NOT NULL,
-    created TEXT NOT NULL
+    created TEXT NOT NULL,
+    checksum TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS files (
     path TEXT PRIMARY KEY,           -- relative to --images, POSIX separators
@@ -304,10 +517,60 @@ CREATE TABLE IF NOT EXISTS files (
     row INTEGER,
     split TEXT,
     labels TEXT,                     -- fingerprint of the labels it was written with
-    updated TEXT NOT NULL
+    updated TEXT NOT NULL,
+    checksum TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS files_by_shard ON files(shard_id, row);
 """
+_COLUMNS = {"meta": ("key", "value"), "shards": ("id", "n_items", "created"),
+            "files": ("path", "size", "mtime_ns", "sha256", "status", "reason", "shard_id", "row", "split", "labels",
+                      "updated")}
+# SQLite result codes that say something about the machine, not about the file's bytes.
+_ENVIRONMENT_ERRORS = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY",
+                       "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_INTERRUPT", "SQLITE_NOMEM")
+
+
+def _row_checksum(table: str, values) -> str:
+    """Of a row's values with their types (repr tells 5 from '5' and None from 'None')."""
+    return hashlib.blake2b(repr((table, *values)).encode("utf-8"), digest_size=8).hexdigest()
+
+
+def _index_file(connection: sqlite3.Connection) -> str:
+    return connection.execute("PRAGMA database_list").fetchone()[2]
+
+
+def _table_rows(connection: sqlite3.Connection, table: str, problems: list[str] | None = None) -> Iterator[tuple]:
+    """Every row of `table` whose values match their checksum and types. A row that does not is a
+    ShardFormatError naming the index (or, with `problems`, a line added to it, and skipped)."""
+    columns = _COLUMNS[table]
+    for *values, checksum in connection.execute(f"SELECT {', '.join(columns)}, checksum FROM {table}"):
+        problem = None
+        if checksum != _row_checksum(table, values):
+            problem = "does not match its checksum"
+        else:
+            problem = _row_problem(table, dict(zip(columns, values)))
+        if problem is None:
+            yield tuple(values)
+            continue
+        message = f"{_index_file(connection)}: {table} row {values[0]!r} {problem}"
+        if problems is None:
+            raise ShardFormatError(message)
+        problems.append(message)
+
+
+def _row_problem(table: str, row: dict) -> str | None:
+    """Values our writers never store (a row with a valid checksum can still come from a faulty writer)."""
+    if table == "files":
+        if row["status"] not in STATUSES:
+            return f"has unknown status {row['status']!r}"
+        if (row["status"] == "rejected") != (row["shard_id"] is None):
+            return f"has status {row['status']} but shard {row['shard_id']}"
+        if row["shard_id"] is not None and not (isinstance(row["shard_id"], int) and isinstance(row["row"], int)
+                                                and row["row"] >= 0 and row["split"] in SPLITS):
+            return f"points at shard {row['shard_id']!r} row {row['row']!r} with split {row['split']!r}"
+    if table == "shards" and not (isinstance(row["n_items"], int) and row["n_items"] > 0):
+        return f"says the shard holds {row['n_items']!r} items"
+    return None
 
 
 @dataclass
@@ -330,7 +593,11 @@ def index_path(folder: str | Path) -> Path:
 
 @contextmanager
 def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.Connection]:
-    """The collection's index. Writers get one transaction per `with connection:` block."""
+    """The collection's index. Writers get one transaction per `with connection:` block.
+
+    A damaged file met inside the block (SQLite: "database disk image is malformed", a text that is
+    not UTF-8, a row that does not match its checksum...) is a ShardFormatError naming the index;
+    for writers, errors of the machine (disk full, I/O, locked) pass through as they are."""
     path = index_path(folder)
     if readonly and not path.exists():
         raise ShardFormatError(f"{path}: no shard index here (is {folder} a `vsam prep-pose` output folder?)")
@@ -346,30 +613,45 @@ def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.C
                 connection.execute("PRAGMA journal_mode=WAL")
                 connection.execute("PRAGMA synchronous=FULL")
                 connection.executescript(_INDEX_SCHEMA)
-                if get_meta(connection, "schema_version") is None:
+                if _schema_version(connection) is None:
                     with connection:
                         set_meta(connection, "schema_version", str(SCHEMA_VERSION))
-            version = get_meta(connection, "schema_version")
+            version = _schema_version(connection)
         except sqlite3.DatabaseError as error:
-            raise ShardFormatError(f"{path}: not a readable shard index ({error})") from None
+            raise ShardFormatError(f"{path}: not a readable shard index ({_one_line(error)})") from None
         check_schema(version, path)
-        yield connection
+        try:
+            yield connection
+        except sqlite3.DatabaseError as error:
+            if not readonly and (getattr(error, "sqlite_errorname", "") or "").startswith(_ENVIRONMENT_ERRORS):
+                raise
+            raise ShardFormatError(f"{path}: damaged or unreadable shard index ({_one_line(error)})") from None
     finally:
         connection.close()
 
 
-def get_meta(connection: sqlite3.Connection, key: str) -> str | None:
-    row = connection.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+def _schema_version(connection: sqlite3.Connection) -> str | None:
+    """Read before anything else, without the row checksum: an index of another version may not have one."""
+    row = connection.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     return row[0] if row else None
 
 
+def get_meta(connection: sqlite3.Connection, key: str) -> str | None:
+    row = connection.execute("SELECT key, value, checksum FROM meta WHERE key=?", (key,)).fetchone()
+    if row is None:
+        return None
+    if row[2] != _row_checksum("meta", row[:2]):
+        raise ShardFormatError(f"{_index_file(connection)}: meta row {key!r} does not match its checksum")
+    return row[1]
+
+
 def set_meta(connection: sqlite3.Connection, key: str, value: str) -> None:
-    connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+    connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?, ?)", (key, value, _row_checksum("meta", (key, value))))
 
 
 def next_shard_number(folder: str | Path, connection: sqlite3.Connection) -> int:
     """One past every number used so far, by the index or by any file (orphans included)."""
-    in_index = connection.execute("SELECT COALESCE(MAX(id), 0) FROM shards").fetchone()[0]
+    in_index = max((shard_id for shard_id, _, _ in _table_rows(connection, "shards")), default=0)
     on_disk = [shard_number(p) or 0 for p in Path(folder).glob(SHARD_GLOB)]
     return max([in_index, *on_disk]) + 1
 
@@ -379,47 +661,44 @@ def commit_shard(connection: sqlite3.Connection, number: int, records: list[File
     Call only after `write_shard` returned: the index must never list a file that is not complete."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with connection:
-        connection.execute("INSERT INTO shards VALUES (?, ?, ?)", (number, len(records), now))
-        connection.executemany(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.reason, number, row, r.split, r.labels, now)
-             for row, r in enumerate(records)])
+        shard = (number, len(records), now)
+        connection.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (*shard, _row_checksum("shards", shard)))
+        _insert_files(connection, [(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.reason, number, row, r.split,
+                                    r.labels, now) for row, r in enumerate(records)])
+
+
+def _insert_files(connection: sqlite3.Connection, rows: list[tuple]) -> None:
+    connection.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(*row, _row_checksum("files", row)) for row in rows])
 
 
 def record_files(connection: sqlite3.Connection, records: list[FileRecord]) -> None:
     """Insert or update entries that point at no shard (rejected files), in one transaction."""
     now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with connection:
-        connection.executemany(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.reason, r.shard_id, r.row, r.split, r.labels, now)
-             for r in records])
+        _insert_files(connection, [(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.reason, r.shard_id, r.row,
+                                    r.split, r.labels, now) for r in records])
 
 
 def file_records(connection: sqlite3.Connection) -> dict[str, FileRecord]:
-    rows = connection.execute(
-        "SELECT path, size, mtime_ns, sha256, status, reason, shard_id, row, split, labels FROM files")
-    return {r[0]: FileRecord(*r) for r in rows}
+    return {row[0]: FileRecord(*row[:10]) for row in _table_rows(connection, "files")}
 
 
 def live_rows(folder: str | Path, splits: tuple[str, ...] | None = None) -> dict[Path, np.ndarray]:
-    """Shard file → sorted live row numbers, optionally only items of the given splits."""
-    query = "SELECT shard_id, row FROM files WHERE shard_id IS NOT NULL"
-    args: tuple = ()
-    if splits:
-        query += f" AND split IN ({','.join('?' * len(splits))})"
-        args = tuple(splits)
+    """Shard file → sorted live row numbers, optionally only items of the given splits. Every row of
+    the index is checked (filtering in SQL would skip a row whose split or shard was damaged)."""
     by_shard: dict[int, list[int]] = {}
     with open_index(folder, readonly=True) as connection:
-        for shard_id, row in connection.execute(query + " ORDER BY shard_id, row", args):
-            by_shard.setdefault(shard_id, []).append(row)
-    return {Path(folder) / shard_name(n): np.array(rows, np.int64) for n, rows in by_shard.items()}
+        for record in file_records(connection).values():
+            if record.shard_id is not None and (not splits or record.split in splits):
+                by_shard.setdefault(record.shard_id, []).append(record.row)
+    return {Path(folder) / shard_name(n): np.array(sorted(by_shard[n]), np.int64) for n in sorted(by_shard)}
 
 
 def collection_metadata(folder: str | Path) -> dict:
     """The index's meta table (vocabulary, heatmap parameters, detector) as a dict of strings."""
     with open_index(folder, readonly=True) as connection:
-        return dict(connection.execute("SELECT key, value FROM meta"))
+        return dict(_table_rows(connection, "meta"))
 
 
 def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[Path]:
@@ -427,10 +706,11 @@ def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[P
     rename and commit), and shards no live row points at any more. Returns what was removed."""
     folder = Path(folder)
     removed = [p for p in folder.glob(f".{SHARD_GLOB}.tmp")]
-    known = {n for (n,) in connection.execute("SELECT id FROM shards")}
+    # From checked rows only: a damaged id must stop the run, not get a sound shard deleted.
+    known = {shard_id for shard_id, _, _ in _table_rows(connection, "shards")}
+    used = {record.shard_id for record in file_records(connection).values()}
     removed += [p for p in folder.glob(SHARD_GLOB) if shard_number(p) not in known]
-    dead = [n for (n,) in connection.execute(
-        "SELECT id FROM shards WHERE id NOT IN (SELECT DISTINCT shard_id FROM files WHERE shard_id IS NOT NULL)")]
+    dead = sorted(known - used)
     if dead:
         # Forget first, then delete: a crash in between leaves an orphan file, removed next time.
         with connection:
@@ -467,19 +747,17 @@ def write_collection_metadata(connection: sqlite3.Connection, metadata: ShardMet
 def collection_vocabulary(folder: str | Path) -> Vocabulary:
     """The label vocabulary of a collection (empty when it was built without labels)."""
     text = collection_metadata(folder).get("vocabulary")
-    return Vocabulary.from_json(text) if text else Vocabulary()
-
-
-_LIVE_QUERY = ("SELECT path, sha256, split, status, shard_id, row FROM files "
-               "WHERE shard_id IS NOT NULL ORDER BY shard_id, row")
+    return Vocabulary.parse(text, index_path(folder)) if text else Vocabulary()
 
 
 def live_items(folder: str | Path) -> Iterator[dict]:
     """One dict per live item, in shard order: path, sha256, split, has_pose, shard (file name), row."""
     with open_index(folder, readonly=True) as connection:
-        for path, sha256, split, status, shard_id, row in connection.execute(_LIVE_QUERY):
-            yield {"path": path, "sha256": sha256, "split": split, "has_pose": status == "ok",
-                   "shard": shard_name(shard_id), "row": row}
+        records = sorted((r for r in file_records(connection).values() if r.shard_id is not None),
+                         key=lambda r: (r.shard_id, r.row))
+    for r in records:
+        yield {"path": r.path, "sha256": r.sha256, "split": r.split, "has_pose": r.status == "ok",
+               "shard": shard_name(r.shard_id), "row": r.row}
 
 
 def count_live(connection: sqlite3.Connection) -> int:
@@ -489,8 +767,8 @@ def count_live(connection: sqlite3.Connection) -> int:
 
 def rejected_files(connection: sqlite3.Connection) -> list[dict]:
     """[{path, reason}] of the files rejected and not stored, sorted by path."""
-    return [{"path": p, "reason": r} for p, r in connection.execute(
-        "SELECT path, reason FROM files WHERE status='rejected' ORDER BY path")]
+    return [{"path": r.path, "reason": r.reason} for r in sorted(file_records(connection).values(),
+                                                                 key=lambda r: r.path) if r.status == "rejected"]
 
 
 def collection_info(folder: str | Path) -> dict:
@@ -498,14 +776,21 @@ def collection_info(folder: str | Path) -> dict:
     vocabularies, detector, heatmap and image parameters, and the rejected files with reasons."""
     folder = Path(folder)
     with open_index(folder, readonly=True) as connection:
-        meta = dict(connection.execute("SELECT key, value FROM meta"))
-        splits = dict(connection.execute(
-            "SELECT split, COUNT(*) FROM files WHERE shard_id IS NOT NULL GROUP BY split"))
-        statuses = dict(connection.execute(
-            "SELECT status, COUNT(*) FROM files WHERE shard_id IS NOT NULL GROUP BY status"))
-        rejected = rejected_files(connection)
-        shard_ids = [n for (n,) in connection.execute("SELECT id FROM shards ORDER BY id")]
-    vocabulary = Vocabulary.from_json(meta["vocabulary"]) if "vocabulary" in meta else Vocabulary()
+        meta = dict(_table_rows(connection, "meta"))
+        records = list(file_records(connection).values())
+        shard_ids = sorted(shard_id for shard_id, _, _ in _table_rows(connection, "shards"))
+    live = [r for r in records if r.shard_id is not None]
+    splits = {s: sum(r.split == s for r in live) for s in SPLITS}
+    statuses = {s: sum(r.status == s for r in live) for s in STATUSES}
+    rejected = [{"path": r.path, "reason": r.reason} for r in sorted(records, key=lambda r: r.path)
+                if r.status == "rejected"]
+    vocabulary = Vocabulary.parse(meta["vocabulary"], index_path(folder)) if "vocabulary" in meta else Vocabulary()
+    parsed = {}
+    for key in ("heatmap", "image_encoding"):
+        try:
+            parsed[key] = json.loads(meta[key]) if key in meta else None
+        except ValueError:
+            raise ShardFormatError(f"{index_path(folder)}: meta {key} does not parse") from None
     return {
         "folder": str(folder),
         "schema_version": int(meta["schema_version"]),
@@ -518,8 +803,8 @@ def collection_info(folder: str | Path) -> dict:
                      if (folder / shard_name(n)).exists()),
         "detector": meta.get("detector"),
         "detector_version": meta.get("detector_version"),
-        "heatmap": json.loads(meta["heatmap"]) if "heatmap" in meta else None,
-        "image_encoding": json.loads(meta["image_encoding"]) if "image_encoding" in meta else None,
+        "heatmap": parsed["heatmap"],
+        "image_encoding": parsed["image_encoding"],
         "labels": meta.get("labels_source"),
         "vocabulary": asdict(vocabulary),
         "rejected": rejected,
@@ -527,32 +812,44 @@ def collection_info(folder: str | Path) -> dict:
 
 
 def verify_collection(folder: str | Path, check_leftovers: bool = True) -> list[str]:
-    """Every problem of a collection, each naming the file: the index's own integrity, every shard's
-    schema and dataset checksums, and the index against the shards (each live row exists and holds the
-    path, sha256 and split that the index says). With `check_leftovers`, temporary and unlisted
-    shard files (left by an interrupted run, removed by the next one) are problems too."""
+    """Every problem of a collection, each naming the file, never an exception for a damaged one:
+
+    * the index: SQLite's integrity check, its tables as this version creates them, every row against
+      its checksum and for values no writer stores, the meta values parse;
+    * every listed shard: schema, attributes and their checksum, every dataset's type, shape,
+      checksum and values (`verify_shard`), its vocabulary the collection's;
+    * the index against the shards: each live row exists and holds the path, sha256, split and pose
+      flag that the index says.
+
+    With `check_leftovers`, temporary and unlisted shard files (left by an interrupted run, removed by
+    the next one) are problems too. A shard that fails is reported and the others are still checked."""
     folder = Path(folder)
+    index = index_path(folder)
     problems: list[str] = []
     try:
         with open_index(folder, readonly=True) as connection:
-            integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
-            if integrity != "ok":
-                problems.append(f"{index_path(folder)}: SQLite integrity check failed ({integrity})")
-            meta = dict(connection.execute("SELECT key, value FROM meta"))
-            shards = dict(connection.execute("SELECT id, n_items FROM shards"))
-            files = connection.execute(
-                "SELECT path, sha256, status, shard_id, row, split FROM files").fetchall()
+            integrity = [line for (line,) in connection.execute("PRAGMA integrity_check(20)")]
+            if integrity != ["ok"]:
+                problems.append(f"{index}: SQLite integrity check failed ({'; '.join(integrity)})")
+            problems += _schema_problems(connection, index)
+            meta = dict(_table_rows(connection, "meta", problems))
+            shards = {shard_id: n_items for shard_id, n_items, _ in _table_rows(connection, "shards", problems)}
+            files = list(_table_rows(connection, "files", problems))
     except ShardFormatError as error:     # names the index already
-        return [str(error)]
-    except sqlite3.DatabaseError as error:
-        return [f"{index_path(folder)}: {error}"]
+        return problems + [str(error)]
+    vocabulary = None
+    try:
+        vocabulary = Vocabulary.parse(meta["vocabulary"], index) if "vocabulary" in meta else None
+        for key in ("heatmap", "image_encoding"):
+            if key in meta and not isinstance(json.loads(meta[key]), dict):
+                raise ValueError
+    except ShardFormatError as error:
+        problems.append(str(error))
+    except ValueError:
+        problems.append(f"{index}: meta {key} does not parse")
 
     by_shard: dict[int, list[tuple]] = {}
-    for path, sha256, status, shard_id, row, split in files:
-        if status not in STATUSES:
-            problems.append(f"{index_path(folder)}: {path}: unknown status {status!r}")
-        elif (status == "rejected") != (shard_id is None):
-            problems.append(f"{index_path(folder)}: {path}: status {status} but shard {shard_id}")
+    for path, _, _, sha256, status, _, shard_id, row, split, _, _ in files:
         if shard_id is not None:
             by_shard.setdefault(shard_id, []).append((path, sha256, status, row, split))
 
@@ -564,10 +861,10 @@ def verify_collection(folder: str | Path, check_leftovers: bool = True) -> list[
         if not path.exists():
             problems.append(f"{path}: listed in the index but missing")
             continue
-        shard_problems = verify_shard(path)
-        problems += shard_problems
-        if not shard_problems:
-            problems += _check_rows(path, shards[shard_id], by_shard.get(shard_id, []), meta.get("vocabulary"))
+        with Shard(path) as shard:
+            shard_problems, data = _shard_problems(shard)
+            problems += shard_problems or _check_rows(shard, data, shards[shard_id], by_shard.get(shard_id, []),
+                                                      vocabulary)
 
     if check_leftovers:
         problems += [f"{p}: temporary file of an interrupted run (the next prep-pose run removes it)"
@@ -577,18 +874,35 @@ def verify_collection(folder: str | Path, check_leftovers: bool = True) -> list[
     return problems
 
 
-def _check_rows(path: Path, n_items: int, rows: list[tuple], vocabulary: str | None) -> list[str]:
-    with Shard(path) as shard:
-        if len(shard) != n_items:
-            return [f"{path}: holds {len(shard)} items, the index says {n_items}"]
-        if vocabulary is not None and \
-                Vocabulary.from_json(shard.file.attrs["vocabulary"]) != Vocabulary.from_json(vocabulary):
-            return [f"{path}: written with another label vocabulary than the collection's "
-                    "(an interrupted relabelling run? rerun prep-pose)"]
-        data = shard.read(("path", "sha256", "split", "has_pose"))
+def _schema_problems(connection: sqlite3.Connection, index: Path) -> list[str]:
+    """The tables and indexes must be the ones this version creates (a damaged column name or type
+    would read other values, or none)."""
+    expected_db = sqlite3.connect(":memory:")
+    try:
+        expected_db.executescript(_INDEX_SCHEMA)
+        query = "SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY name"
+        expected = expected_db.execute(query).fetchall()
+    finally:
+        expected_db.close()
+    actual = connection.execute(query).fetchall()
+    if actual != expected:
+        differing = sorted({row[1] for row in set(actual) ^ set(expected)})
+        return [f"{index}: the definition of {', '.join(map(str, differing))} is not this version's"]
+    return []
+
+
+def _check_rows(shard: Shard, data: dict[str, np.ndarray], n_items: int, rows: list[tuple],
+                vocabulary: Vocabulary | None) -> list[str]:
+    """A sound shard against the index's rows for it (`data`: its datasets, read by `_shard_problems`)."""
+    path = shard.path
+    if len(shard) != n_items:
+        return [f"{path}: holds {len(shard)} items, the index says {n_items}"]
+    if vocabulary is not None and shard.vocabulary != vocabulary:
+        return [f"{path}: written with another label vocabulary than the collection's "
+                "(an interrupted relabelling run? rerun prep-pose)"]
     problems = []
     for item_path, sha256, status, row, split in rows:
-        if row is None or not 0 <= row < n_items:
+        if not 0 <= row < n_items:
             problems.append(f"{path}: index row {row} of {item_path} is outside 0..{n_items - 1}")
             continue
         stored = (data["path"][row], data["sha256"][row].decode("ascii"), SPLITS[data["split"][row]],

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import sqlite3
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -11,7 +16,7 @@ from PIL import Image
 
 from pose_prep import shard_format as sf
 from pose_prep.keypoints import NUM_JOINTS
-from shard_faults import flip_byte
+from shard_faults import flip_at, flip_byte, flip_text, object_header, rewrite_value
 
 
 def _jpeg(colour: int) -> bytes:
@@ -92,7 +97,8 @@ def test_unknown_schema_version_is_refused_with_a_clear_message(tmp_path):
     shard = sf.Shard(path)
     for _ in range(2):                                    # refused on every use, not only the first
         with pytest.raises(sf.ShardFormatError, match=r"shard-000001.h5: shard schema version 99 is not supported "
-                                                      r"by this vsam \(it reads version 1\)"):
+                                                      r"by this vsam \(it reads version 2\); rebuild the shards with "
+                                                      r"`vsam prep-pose` of this version into a new --out folder"):
             len(shard)
     assert "schema version 99" in sf.verify_shard(path)[0]
 
@@ -148,9 +154,10 @@ def test_verify_names_a_flipped_byte_and_an_index_mismatch(tmp_path):
     assert sf.verify_collection(tmp_path) == [f"{path}: dataset image_bytes does not match its checksum"]
 
     _collection(tmp_path / "b")
-    with sf.open_index(tmp_path / "b") as connection, connection:
-        connection.execute("UPDATE files SET sha256='0' WHERE path='2/shop/ünï_1.jpg'")
-        connection.execute("UPDATE files SET row=9 WHERE path='3/shop/ünï_2.jpg'")
+    with sf.open_index(tmp_path / "b") as connection:       # rows as a faulty writer would store them
+        records = sf.file_records(connection)
+        sf.record_files(connection, [replace(records["2/shop/ünï_1.jpg"], sha256="0"),
+                                     replace(records["3/shop/ünï_2.jpg"], row=9)])
     problems = sf.verify_collection(tmp_path / "b")
     assert len(problems) == 2
     assert "shard-000002.h5: row 1 holds" in problems[1] and "the index says ('2/shop/ünï_1.jpg', '0'" in problems[1]
@@ -175,3 +182,121 @@ def test_a_damaged_index_is_a_clear_error_naming_it(tmp_path):
                 pass
     assert sf.verify_collection(tmp_path) == [
         f"{sf.index_path(tmp_path)}: not a readable shard index (file is not a database)"]
+
+
+# --- damage: every flipped byte is named, by verify and by the readers, never a traceback --------------
+
+def _snapshot(folder):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from fault_shards import snapshot
+    finally:
+        sys.path.pop(0)
+    return snapshot(folder)
+
+
+def _read_everything(folder) -> None:
+    """What prep-pose and training read: index meta and rows, every dataset and row of every shard."""
+    sf.collection_metadata(folder)
+    with sf.open_index(folder, readonly=True) as connection:
+        sf.file_records(connection)
+    for path, rows in sf.live_rows(folder).items():
+        with sf.Shard(path) as shard:
+            shard.read()
+            for row in rows:
+                shard.item(int(row))
+
+
+@pytest.mark.parametrize("attribute, text, at", [
+    ("heatmap", '"sigma": 1.5', 10),                    # 1.5 -> 1.4: a silent change of the training target
+    ("detector", "blazepose", 4),                       # blazepose -> blazeqose
+    ("vocabulary", '{"attribute_groups"', 0),            # no longer parses
+    ("checksums", '{"attributes"', 3),
+])
+def test_a_flipped_attribute_is_named_by_verify_and_by_every_reader(tmp_path, attribute, text, at):
+    _collection(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    flip_text(path, text, at)
+    expected = f"{path}: file attributes do not match their checksum"
+    assert sf.verify_shard(path) == [expected]
+    assert sf.verify_collection(tmp_path) == [expected]     # and shard 2 was checked: it is sound
+    with sf.Shard(path) as shard, pytest.raises(sf.ShardFormatError, match=re.escape(expected)):
+        shard.vocabulary
+
+
+def test_flips_in_a_dataset_header_are_caught_or_change_nothing(tmp_path):
+    """The datatype, shape, layout and filter messages of `category`: a flip there used to give h5py
+    errors inside verify, or a different type read from intact bytes."""
+    _collection(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    pristine, original = path.read_bytes(), _snapshot(tmp_path)
+    rng = np.random.default_rng(0)
+    caught = 0
+    for position in rng.choice(object_header(path, "category"), 60, replace=False):
+        flip_at(path, int(position), int(rng.integers(1, 256)))
+        problems = sf.verify_shard(path)
+        if problems:
+            caught += 1
+            with sf.Shard(path) as shard, pytest.raises(sf.ShardFormatError, match=re.escape(str(path))):
+                shard.read()
+        else:
+            assert _snapshot(tmp_path) == original, f"byte {position}: verify passed a change"
+        path.write_bytes(pristine)
+    assert caught > 10
+
+
+@pytest.mark.parametrize("target", ["shard-000001.h5", "index.sqlite"])
+def test_random_flips_are_caught_or_change_nothing_and_never_raise_anything_else(tmp_path, target):
+    _collection(tmp_path)
+    path = tmp_path / target
+    pristine, original = path.read_bytes(), _snapshot(tmp_path)
+    rng = np.random.default_rng(1)
+    caught = 0
+    for _ in range(60):
+        flip_at(path, int(rng.integers(len(pristine))), int(rng.integers(1, 256)))
+        problems = sf.verify_collection(tmp_path)
+        try:
+            _read_everything(tmp_path)
+        except sf.ShardFormatError as error:
+            assert str(error).startswith(str(path)) and problems, error
+        if problems:
+            caught += 1
+        else:
+            assert _snapshot(tmp_path) == original
+        path.write_bytes(pristine)
+    assert caught > 0
+
+
+def test_a_flipped_index_value_is_named_with_its_table_and_key_by_verify_and_readers(tmp_path):
+    _collection(tmp_path)
+    index = sf.index_path(tmp_path)
+    with sf.open_index(tmp_path) as connection:
+        sf.record_files(connection, [sf.FileRecord("bad.jpg", 0, 1, None, "rejected", reason="empty file (0 bytes)")])
+    flip_text(index, '"sigma": 1.5', at=10)                 # the heatmap sigma the trainer reads: 1.5 -> 1.4
+    flip_text(index, "empty file (0 bytes)", at=11, mask=0x02)   # 0 bytes -> 2 bytes
+    assert sf.verify_collection(tmp_path) == [f"{index}: meta row 'heatmap' does not match its checksum",
+                                              f"{index}: files row 'bad.jpg' does not match its checksum"]
+    for read in (sf.collection_metadata, sf.collection_info):
+        with pytest.raises(sf.ShardFormatError, match=re.escape(f"{index}: meta row 'heatmap'")):
+            read(tmp_path)
+    for read in (sf.live_rows, lambda folder: list(sf.live_items(folder))):
+        with pytest.raises(sf.ShardFormatError, match=re.escape(f"{index}: files row 'bad.jpg'")):
+            read(tmp_path)
+
+
+def test_a_label_outside_the_vocabulary_is_named_with_its_row_by_readers_and_verify(tmp_path):
+    _collection(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    rewrite_value(path, "category", 2, 7)              # checksums match: a faulty writer, not a flipped byte
+    expected = f"{path}: row 2: category 7 is outside the vocabulary's 2 categories (0..1, -1 unknown)"
+    assert sf.verify_shard(path) == [expected]
+    for read in (lambda s: s.read(("category",)), lambda s: s.item(0)):
+        with sf.Shard(path) as shard, pytest.raises(sf.ShardFormatError, match=re.escape(expected)):
+            read(shard)
+    rewrite_value(path, "category", 2, 1)
+    rewrite_value(path, "attributes", 1, [1, 3, 0])
+    assert sf.verify_shard(path) == [f"{path}: row 1: attribute 1 is 3, not 1, 0 or -1 (unknown)"]
+    bad = _items(2)
+    bad[1].category = 2
+    with pytest.raises(ValueError, match="row 1: category 2 is outside"):
+        sf.write_shard(tmp_path / "shard-000009.h5", bad, METADATA)
