@@ -2,6 +2,7 @@
 and the training commands never import a pose detector (a GPU machine without mediapipe trains)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -15,8 +16,15 @@ EXIT_BUSY = 75           # another run holds the lock (EX_TEMPFAIL: try again la
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vsam")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True,
+              help="Let the pose detectors' own log lines (mediapipe, TensorFlow Lite, absl) through to the "
+                   "terminal, as VSAM_VERBOSE=1 does; by default vsam keeps them out.")
+def main(verbose: bool) -> None:
     """vsam: pose-guided attention for multi-label fashion image classification."""
+    if verbose:
+        from pose_prep.native_logs import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"      # read where the detectors run, worker processes included
 
 
 # --- pose (pose_prep) --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..keypoints import drop_outside, from_blazepose33
+from ..native_logs import quiet_native_logs
 
 # BlazePose guesses joints it cannot see (unseen ankles land far outside the image) and reports a
 # low visibility for them: such joints are dropped.
@@ -22,11 +23,16 @@ class BlazePose:
 
         self.version = f"mediapipe-{mp.__version__}-pose-complexity1"
         self.min_visibility = min_visibility
-        self._pose = mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1,
-                                            min_detection_confidence=min_detection_confidence)
+        # TensorFlow Lite and absl write their lines to fd 2 from the graph's threads while it starts,
+        # after Pose() has returned: one image through it waits for the start (see native_logs).
+        with quiet_native_logs():
+            self._pose = mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1,
+                                                min_detection_confidence=min_detection_confidence)
+            self._pose.process(np.zeros((64, 64, 3), np.uint8))
 
     def detect(self, rgb: np.ndarray, relative_path: str | None = None) -> list[np.ndarray]:
-        result = self._pose.process(np.ascontiguousarray(rgb))
+        with quiet_native_logs():
+            result = self._pose.process(np.ascontiguousarray(rgb))
         if result.pose_landmarks is None:
             return []
         height, width = rgb.shape[:2]
@@ -36,4 +42,5 @@ class BlazePose:
         return [person] if person[:, 2].any() else []
 
     def close(self) -> None:
-        self._pose.close()
+        with quiet_native_logs():
+            self._pose.close()
