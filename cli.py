@@ -167,6 +167,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     from pathlib import Path
 
     from pose_prep import lock
+    from pose_prep.images import printable_name
     from pose_prep.labels import LabelError
     from pose_prep.prep import PrepError, PrepOptions, run
     from pose_prep.shard_format import SPLITS, ShardFormatError
@@ -187,8 +188,8 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     except (LabelError, PrepError, ShardFormatError) as error:
         click.echo(f"vsam prep-pose: {error}", err=True)
         sys.exit(EXIT_FAILED)
-    for rejected in report.rejected:
-        click.echo(f"rejected: {rejected['path']}: {rejected['reason']}", err=True)
+    for rejected in report.rejected:     # one line each, whatever the name holds (a newline: \n)
+        click.echo(f"rejected: {printable_name(rejected['path'])}: {rejected['reason']}", err=True)
     _echo_first("unreadable", [f"{u['path']}: {u['reason']} (its stored items are kept)" for u in report.unreadable])
     if report.labels_match:
         _echo_label_mismatches(report.labels_match)

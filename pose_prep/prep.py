@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import heatmaps, lock
-from .atomic import atomic_write_text
-from .images import find_images
+from .atomic import DiskFull, atomic_write_text, reporting_disk_full
+from .images import CatalogImage, catalog_images, printable_name
 from .labels import ItemLabels, Labels, read_labels, unlabelled
 from .prep_worker import Processed, Settings, Task, process, render_heatmap
 from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_shard, count_live, file_records,
-                           get_meta, next_shard_number, open_index, record_files, rejected_files, remove_orphans,
+                           get_meta, index_path, next_shard_number, open_index, record_files, rejected_files, remove_orphans,
                            retire_files, shard_name, write_collection_metadata, write_shard)
 
 # Exit codes (the same values as cli.py's, which imports this module only inside its command).
@@ -201,15 +201,11 @@ def scan(images: Path, labels: Labels, splits: tuple[str, ...] | None, report: R
     """The image files under `images` as entries (those outside --splits counted, not returned); the
     subfolders that could not be listed go into report.unreadable as `{path: "folder/", reason}`."""
     entries, named = [], []
-    for path in _list_catalog(images, report):
-        relative = path.relative_to(images).as_posix()
-        try:
-            relative.encode("utf-8")
-        except UnicodeEncodeError:
-            relative = os.fsencode(relative).decode("utf-8", "backslashreplace")
-            entries.append(Entry(relative, path, reason="file name is not valid UTF-8"))
-            continue
-        named.append((relative, path))
+    for image in _list_catalog(images, report):
+        if image.reason:              # a name that is not valid UTF-8, written as images.catalog_images does
+            entries.append(Entry(image.name, image.path, reason=image.reason))
+        else:
+            named.append((image.name, image.path))
     matching = labels.match(relative for relative, _ in named)
     if labels.source:
         report.labels_match = matching.summary(REPORT_LIST_LIMIT)
@@ -228,10 +224,10 @@ def scan(images: Path, labels: Labels, splits: tuple[str, ...] | None, report: R
     return entries
 
 
-def _list_catalog(images: Path, report: Report) -> list[Path]:
+def _list_catalog(images: Path, report: Report) -> list[CatalogImage]:
     errors: list[OSError] = []
     try:
-        paths = find_images(images, on_error=errors.append)
+        found = catalog_images(images, on_error=errors.append)
     except FileNotFoundError:
         raise PrepError(f"{images}: no such folder (an unmounted share?): nothing was changed") from None
     for error in errors:
@@ -239,9 +235,8 @@ def _list_catalog(images: Path, report: Report) -> list[Path]:
         if Path(error.filename) == images:
             raise PrepError(f"{images}: {reason}: nothing was changed") from None
         folder = Path(error.filename).relative_to(images).as_posix()
-        report.unreadable.append({"path": os.fsencode(folder).decode("utf-8", "backslashreplace") + "/",
-                                  "reason": reason})
-    return paths
+        report.unreadable.append({"path": printable_name(folder) + "/", "reason": reason})
+    return found
 
 
 def classify(entries: list[Entry], records: dict[str, FileRecord], fingerprint: Fingerprints) -> list[Entry]:
@@ -356,10 +351,14 @@ def run(options: PrepOptions) -> Report:
         report.path = str(out / REPORTS / f"prep-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.json")
         started = time.monotonic()
         try:
-            _run_locked(options, settings, out, labels, report)
+            with reporting_disk_full(index_path(out)):    # SQLite's SQLITE_FULL; shards and reports name themselves
+                _run_locked(options, settings, out, labels, report)
         except BaseException as error:
             report.status, report.error = "failed", f"{type(error).__name__}: {error}"
-            _finish(report, started, EXIT_FAILED)
+            try:
+                _finish(report, started, EXIT_FAILED)
+            except DiskFull:
+                pass    # no room for the report either: the error itself goes to stderr
             raise
         if report.status != "refused":
             report.error = failure(report, options.strict)
@@ -664,14 +663,14 @@ def catalog_problems(out: str | os.PathLike, images: str | os.PathLike, splits: 
     with open_index(out, readonly=True) as connection:
         rejected = {record["path"] for record in rejected_files(connection)}
     images = Path(images)
-    paths = find_images(images)
-    matching = labels.match(p.relative_to(images).as_posix() for p in paths) if labels is not None else None
-    for path in paths:
-        relative = path.relative_to(images).as_posix()
-        if splits and matching is not None and matching.for_item(relative).split not in splits:
+    found = catalog_images(images)
+    matching = labels.match(i.name for i in found if not i.reason) if labels is not None else None
+    for image in found:
+        relative = image.name     # a name that is not valid UTF-8: rejected under its escaped name
+        if splits and matching is not None and not image.reason and matching.for_item(relative).split not in splits:
             continue
         try:
-            sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+            sha256 = hashlib.sha256(image.path.read_bytes()).hexdigest()
         except OSError:
             sha256 = None
         copies = live.pop(relative, [])

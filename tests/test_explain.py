@@ -181,14 +181,15 @@ def test_awkward_file_names_get_quoted_links_escaped_captions_and_names_that_are
     assert f"{len(expected)} images: {len(good)} explained, {len(expected) - len(good)} failed" in result.output
     for name, reason in expected.items():
         if reason is not None:
-            assert f"failed: {name}: {reason}\n" in result.output
+            assert f"failed: {printable_name(name)}: {reason}\n" in result.output
 
     page = (out / "index.html").read_bytes().decode("utf-8")     # strict: valid UTF-8
     assert "<b>tag</b>" not in page
     gallery = _Gallery()
     gallery.feed(page)
     assert sorted(gallery.captions) == sorted(printable_name(name) for name in good)
-    assert sorted(gallery.failures) == sorted(f"{name}: {reason}" for name, reason in expected.items() if reason)
+    assert sorted(gallery.failures) == sorted(f"{printable_name(name)}: {reason}" for name, reason in expected.items()
+                                              if reason)
     assert len(gallery.links) == len(good) * (1 + 4)                 # input, Ŝ, CAM, Grad-CAM, saliency
     for link in gallery.links:
         assert link == quote(unquote(link)) and not urlparse(link).scheme and ".." not in link, link

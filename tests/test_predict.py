@@ -15,6 +15,7 @@ from sklearn.metrics import average_precision_score
 from awkward_names import make_awkward_name_folder
 from bad_images import make_bad_image_folder
 from cli import main as vsam
+from pose_prep.images import printable_name
 from vsam_train.evaluate import predict_split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -137,7 +138,7 @@ def test_predict_runs_without_a_pose_detector_and_writes_to_stdout(tiny_checkpoi
 def test_awkward_file_names_are_predicted_and_names_that_are_not_utf8_rejected(tiny_checkpoint, tmp_path):
     """Real files: names with spaces, a leading dash, #, %, ?, HTML characters, a newline are predicted
     under their own name; names that are not valid UTF-8 get an error line naming them with \\xNN
-    escapes; the file (and stdout, in a real process) stays valid UTF-8 and no good photo is lost."""
+    escapes (a newline in a failing name is \\n on stderr); the file (and stdout, in a real process) stays valid UTF-8 and no good photo is lost."""
     images = tmp_path / "drop"
     expected = make_awkward_name_folder(images)
     n_bad = sum(reason is not None for reason in expected.values())
@@ -152,7 +153,7 @@ def test_awkward_file_names_are_predicted_and_names_that_are_not_utf8_rejected(t
             assert (images / name).is_file() and len(records[name]["attributes"]) == 26, name
         else:
             assert records[name] == {"path": name, "error": reason}
-            assert f"failed: {name}: {reason}\n" in result.output
+            assert f"failed: {printable_name(name)}: {reason}\n" in result.output
 
     done = subprocess.run([sys.executable, "-c", "from cli import main; main()", "predict", "--checkpoint",
                            str(tiny_checkpoint), "--images", str(images), "--workers", "1", "--no-progress"],

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import awkward_names
 import bad_images
 import fixture_set
 from fixture_set import copy_photos
 from pose_prep import lock
+from pose_prep.images import printable_name
 from pose_prep.prep import PrepError, PrepOptions, RetireLimit, catalog_problems, run
 from pose_prep.shard_format import Shard, collection_info, live_items, open_index, verify_shard
 
@@ -147,6 +149,25 @@ def test_bad_file_zoo_each_recorded_with_its_reason_the_rest_processed(tmp_path)
     assert (again.counts["unchanged"], again.counts["rejected"], again.processed) == (len(expected), 0, 0)
     assert again.exit_code == 0 and again.rejected_total == len(rejected)
     assert prep(images, out, strict=True).exit_code == 1                 # --strict: a rejected file fails the run
+
+
+def test_awkward_file_names_are_items_and_names_that_are_not_utf8_rejected_as_every_command_names_them(tmp_path):
+    """A real prep-pose process on real files: valid UTF-8 names (spaces, a leading dash, #, %, ?, HTML
+    characters, a newline) become items; names that are not UTF-8 are rejected with \\xNN escapes, one
+    stderr line each (a newline in a name cannot split it), and the exactly-once audit agrees."""
+    images, out = tmp_path / "drop", tmp_path / "shards"
+    expected = awkward_names.make_awkward_name_folder(images)
+    result = subprocess.run([VSAM, "prep-pose", "--images", str(images), "--out", str(out), "--no-progress",
+                             "--detector", "blazepose"], capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
+    stderr = result.stderr.decode("utf-8")
+    rejected = {name: reason for name, reason in expected.items() if reason}
+    assert {r["path"]: r["reason"] for r in collection_info(out)["rejected"]} == rejected
+    assert set(items_by_path(out)) == set(expected) - set(rejected)
+    for name, reason in rejected.items():
+        assert f"rejected: {printable_name(name)}: {reason}\n" in stderr
+    json.loads((out / "reports" / "latest.json").read_bytes().decode("utf-8"))
+    assert catalog_problems(out, images) == []
 
 
 def test_nothing_processable_is_a_failure(tmp_path):
