@@ -429,7 +429,8 @@ def _check_joints(spec, where: str) -> None:
 def _expected(keys: tuple) -> str:
     kind = schema_type(keys)
     text = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            PAIR: "a list [low, high] of two numbers, low <= high, each", JOINTS: "joints"}[kind]
+            PAIR: "a list [low, high] of two numbers, low <= high, each",
+            JOINTS: "a joint subset name or a list of COCO-18 joints"}[kind]
     if keys in RANGES:
         text += f" {RANGES[keys]}"
     if keys in CHOICES:
