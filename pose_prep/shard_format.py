@@ -187,7 +187,7 @@ def _label_problem(arrays: dict[str, np.ndarray], vocabulary: Vocabulary) -> str
         bad = np.flatnonzero((category < -1) | (category >= n))
         if len(bad):
             return (f"row {bad[0]}: category {category[bad[0]]} is outside the vocabulary's {n} categories "
-                    f"(0..{n - 1}, -1 unknown)")
+                    + (f"(0..{n - 1}, -1 unknown)" if n else "(only -1, unknown)"))
     if "attributes" in arrays:
         attributes = arrays["attributes"]
         bad = np.argwhere((attributes < -1) | (attributes > 1))

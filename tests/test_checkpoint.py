@@ -44,3 +44,24 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     restore_rng_states(load_checkpoint(tmp_path / "c.pt")["rng"])
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "explain", "export"])
+def test_a_torch_file_that_is_not_a_checkpoint_is_one_line_naming_it_in_every_command(tmp_path, command):
+    from click.testing import CliRunner
+
+    from cli import EXIT_FAILED, main
+
+    images = tmp_path / "img"
+    images.mkdir()
+    options = {"predict": ["--images", str(images)], "eval": ["--shards", str(tmp_path)],
+               "explain": ["--images", str(images), "--out", str(tmp_path / "gallery")],
+               "export": ["--format", "onnx"]}[command]
+    tensor, partial = tmp_path / "x.pt", tmp_path / "y.pt"
+    torch.save(torch.zeros(3), tensor)
+    torch.save({"model": {"w": torch.zeros(1)}, "epoch": 1}, partial)
+    for path, reason in ((tensor, "holds a Tensor, not a dict"),
+                         (partial, "no config, vocabulary, model_name, image_size, step")):
+        result = CliRunner().invoke(main, [command, "--checkpoint", str(path), *options])
+        assert result.exit_code == EXIT_FAILED
+        assert result.output == f"vsam {command}: {path}: not a vsam checkpoint ({reason})\n"

@@ -211,3 +211,26 @@ def test_the_body_target_leaves_the_face_dark_and_a_wider_sigma_lights_more(df_s
     assert set(JOINT_GROUPS["body"]).isdisjoint({0, 14, 15, 16, 17})
     assert (body <= full + 1e-6).all() and (body < full - 0.1).any()     # the face was lit, now it is not
     assert (wide[posed] > 0.05).sum() > (full[posed] > 0.05).sum()
+
+
+def test_a_category_outside_the_vocabulary_stops_vsam_train_with_one_line_naming_shard_and_row(df_shards, tmp_path):
+    """Met in a loader worker process (--workers 1): torch re-raises a worker's error in the parent
+    with the worker's traceback in its message, which the command must not print."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from cli import EXIT_FAILED, main
+    from shard_faults import rewrite_value
+
+    shards = tmp_path / "shards"
+    shutil.copytree(df_shards, shards)
+    damaged = shards / "shard-000002.h5"
+    rewrite_value(damaged, "category", 5, 3)     # the attribute subset has no categories: only -1 fits
+    config = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    result = CliRunner().invoke(main, ["train", "--shards", str(shards), "--out", str(tmp_path / "run"), "--config",
+                                       str(config), "--epochs", "1", "--workers", "1", "--device", "cpu"])
+    assert result.exit_code == EXIT_FAILED
+    assert result.output.splitlines()[-1] == (f"vsam train: {damaged}: row 5: category 3 is outside the vocabulary's "
+                                              "0 categories (only -1, unknown)")
+    assert "Traceback" not in result.output and "IndexError" not in result.output

@@ -23,13 +23,42 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or used; the message names the file."""
 
 
+# What `load_for_inference` takes from a checkpoint (training also writes optimizer, scheduler, rng...).
+INFERENCE_KEYS = ("model", "config", "vocabulary", "model_name", "image_size", "epoch", "step")
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write `state` to `path` so that a reader (or a crash at any instant) sees either the old
     file or the complete new one: temporary file in the same folder, fsync, rename, fsync folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, durable=True) as temporary:
-        torch.save(state, temporary)
+    with atomic_path(path, durable=True) as temporary, open(temporary, "wb") as file:
+        writer = _WriteErrors(file)
+        try:
+            torch.save(state, writer)
+        except RuntimeError as error:
+            if writer.error is None:
+                raise
+            raise writer.error from error   # a full disk: atomic_path names it (pose_prep.atomic.DiskFull)
+
+
+class _WriteErrors:
+    """A file for torch.save that keeps the OSError of a failed write. torch turns it into a
+    RuntimeError ('[enforce fail at inline_container.cc] unexpected pos') that names neither the
+    file nor the cause; written through a file object, the checkpoint is the same and as fast."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
@@ -37,9 +66,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # unpickling errors, truncated zip archives, foreign files
         raise CheckpointError(f"{path}: not a readable vsam checkpoint ({error})") from None
+    if not isinstance(state, dict):     # e.g. torch.save(tensor) or a bare state_dict's list
+        raise CheckpointError(f"{path}: not a vsam checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def rng_states() -> dict:
@@ -79,13 +111,16 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     from .models import model_from_config
 
     state = load_checkpoint(path)
+    missing = [key for key in INFERENCE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path}: not a vsam checkpoint (no {', '.join(missing)})")
     try:
         config, vocabulary = state["config"], Vocabulary.from_json(state["vocabulary"])
         model = model_from_config({**config, "model": {**config["model"], "name": state["model_name"]}}, vocabulary)
         model.load_state_dict(state["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{path}: does not hold a usable vsam model ({error})") from None
-    info = {"config": config, "vocabulary": vocabulary, "model_name": state["model_name"],
-            "image_size": int(state["image_size"]), "epoch": int(state["epoch"]), "step": int(state["step"]),
-            "heatmap": json.loads(state.get("heatmap") or "{}")}
+        info = {"config": config, "vocabulary": vocabulary, "model_name": state["model_name"],
+                "image_size": int(state["image_size"]), "epoch": int(state["epoch"]), "step": int(state["step"]),
+                "heatmap": json.loads(state.get("heatmap") or "{}")}
+    except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: does not hold a usable vsam model ({type(error).__name__}: {error})") from None
     return model.to(device).eval(), info

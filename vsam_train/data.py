@@ -318,7 +318,7 @@ class ShardStream(IterableDataset):
         items = items[first * self.batch_size:last * self.batch_size]
         order_rng, augment_rng = (np.random.default_rng(s) for s in
                                   np.random.SeedSequence([self.seed, self.epoch, self.rank, worker_id]).spawn(2))
-        reader = _Reader(with_keypoints=self.group_joints is not None or self.target is not None)
+        reader = _Reader(self.vocabulary, with_keypoints=self.group_joints is not None or self.target is not None)
         try:
             batch = []
             for record in _shuffled(map(reader.record, items), self.shuffle_buffer, order_rng):
@@ -328,6 +328,8 @@ class ShardStream(IterableDataset):
                     batch = []
             if batch:
                 yield self._collate(batch, augment_rng)
+        except ShardFormatError as error:
+            raise LoaderError(str(error)) from None
         finally:
             reader.close()
 
@@ -391,6 +393,18 @@ class _TargetRendering:
                                joints=joints or self.default))
 
 
+class LoaderError(ShardFormatError):
+    """A damaged or unusable shard met while producing batches. torch re-raises an error of a loader
+    worker process in the parent as TYPE("Caught TYPE in DataLoader worker process N.\nOriginal
+    Traceback ...\nTYPE: message"); this type keeps the message alone, so that the command prints
+    one line naming the file (and row), not the worker's traceback."""
+
+    def __init__(self, message: str):
+        if "\nOriginal Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
 def _decode_item(data: torch.Tensor, path: str) -> torch.Tensor:
     try:
         with _quiet_codecs():
@@ -401,12 +415,17 @@ def _decode_item(data: torch.Tensor, path: str) -> torch.Tensor:
 
 class _Reader:
     """Per-worker access to the shards: each file opened once, its small per-item datasets read
-    whole on first use (one read per dataset), image bytes read per item."""
+    whole on first use (one read per dataset), image bytes read per item.
+
+    The value checks are per shard, vectorised, never per item: `Shard.read` checks each dataset's
+    checksum and its labels against the shard's vocabulary, and the reader that this vocabulary is
+    the collection's (the one the model's heads are sized by)."""
 
     _COLUMNS = ("image_offsets", "heatmap", "has_pose", "category", "attributes", "path")
     _POSE_COLUMNS = ("keypoints", "width", "height")
 
-    def __init__(self, with_keypoints: bool = False):
+    def __init__(self, vocabulary: Vocabulary, with_keypoints: bool = False):
+        self.vocabulary = vocabulary
         self.shards: dict[Path, tuple[Shard, dict]] = {}
         self.columns = self._COLUMNS + (self._POSE_COLUMNS if with_keypoints else ())
 
@@ -414,7 +433,14 @@ class _Reader:
         path, row = item
         if path not in self.shards:
             shard = Shard(path)
-            self.shards[path] = (shard, shard.read(self.columns))
+            try:
+                if shard.vocabulary != self.vocabulary:
+                    raise ShardFormatError(f"{path}: written with another label vocabulary than the collection's "
+                                           "(an interrupted relabelling run? rerun prep-pose)")
+                self.shards[path] = (shard, shard.read(self.columns))
+            except BaseException:
+                shard.close()
+                raise
         shard, data = self.shards[path]
         record = {"image": shard.image(row, data["image_offsets"]), "heatmap": data["heatmap"][row],
                   "has_pose": bool(data["has_pose"][row]), "category": int(data["category"][row]),
