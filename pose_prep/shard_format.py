@@ -530,7 +530,7 @@ _ENVIRONMENT_ERRORS = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOC
                        "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_INTERRUPT", "SQLITE_NOMEM")
 
 
-def _row_checksum(table: str, values) -> str:
+def _row_checksum(table: str, values: tuple) -> str:
     """Of a row's values with their types (repr tells 5 from '5' and None from 'None')."""
     return hashlib.blake2b(repr((table, *values)).encode("utf-8"), digest_size=8).hexdigest()
 
@@ -539,18 +539,19 @@ def _index_file(connection: sqlite3.Connection) -> str:
     return connection.execute("PRAGMA database_list").fetchone()[2]
 
 
-def _table_rows(connection: sqlite3.Connection, table: str, problems: list[str] | None = None) -> Iterator[tuple]:
-    """Every row of `table` whose values match their checksum and types. A row that does not is a
-    ShardFormatError naming the index (or, with `problems`, a line added to it, and skipped)."""
-    columns = _COLUMNS[table]
-    for *values, checksum in connection.execute(f"SELECT {', '.join(columns)}, checksum FROM {table}"):
-        problem = None
-        if checksum != _row_checksum(table, values):
-            problem = "does not match its checksum"
-        else:
-            problem = _row_problem(table, dict(zip(columns, values)))
+def _table_rows(connection: sqlite3.Connection, table: str, problems: list[str] | None = None,
+                where: str = "") -> Iterator[tuple]:
+    """Every row of `table` (`where`: an SQL condition) whose values match their checksum and make
+    sense. A row that does not is a ShardFormatError naming the index (or, with `problems`, a line
+    added to it, and the row is skipped). The hot path of an unchanged prep-pose run: keep it lean."""
+    check = _ROW_CHECKS.get(table)
+    query = f"SELECT {', '.join(_COLUMNS[table])}, checksum FROM {table}" + (f" WHERE {where}" if where else "")
+    for row in connection.execute(query):
+        values = row[:-1]
+        problem = "does not match its checksum" if row[-1] != _row_checksum(table, values) else \
+            check(values) if check else None
         if problem is None:
-            yield tuple(values)
+            yield values
             continue
         message = f"{_index_file(connection)}: {table} row {values[0]!r} {problem}"
         if problems is None:
@@ -558,19 +559,23 @@ def _table_rows(connection: sqlite3.Connection, table: str, problems: list[str] 
         problems.append(message)
 
 
-def _row_problem(table: str, row: dict) -> str | None:
+def _files_row_problem(values: tuple) -> str | None:
     """Values our writers never store (a row with a valid checksum can still come from a faulty writer)."""
-    if table == "files":
-        if row["status"] not in STATUSES:
-            return f"has unknown status {row['status']!r}"
-        if (row["status"] == "rejected") != (row["shard_id"] is None):
-            return f"has status {row['status']} but shard {row['shard_id']}"
-        if row["shard_id"] is not None and not (isinstance(row["shard_id"], int) and isinstance(row["row"], int)
-                                                and row["row"] >= 0 and row["split"] in SPLITS):
-            return f"points at shard {row['shard_id']!r} row {row['row']!r} with split {row['split']!r}"
-    if table == "shards" and not (isinstance(row["n_items"], int) and row["n_items"] > 0):
-        return f"says the shard holds {row['n_items']!r} items"
+    status, shard_id, row, split = values[4], values[6], values[7], values[8]
+    if status not in STATUSES:
+        return f"has unknown status {status!r}"
+    if (status == "rejected") != (shard_id is None):
+        return f"has status {status} but shard {shard_id}"
+    if shard_id is not None and not (type(shard_id) is int and type(row) is int and row >= 0 and split in SPLITS):
+        return f"points at shard {shard_id!r} row {row!r} with split {split!r}"
     return None
+
+
+def _shards_row_problem(values: tuple) -> str | None:
+    return None if type(values[1]) is int and values[1] > 0 else f"says the shard holds {values[1]!r} items"
+
+
+_ROW_CHECKS = {"files": _files_row_problem, "shards": _shards_row_problem}
 
 
 @dataclass
@@ -706,11 +711,17 @@ def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[P
     rename and commit), and shards no live row points at any more. Returns what was removed."""
     folder = Path(folder)
     removed = [p for p in folder.glob(f".{SHARD_GLOB}.tmp")]
-    # From checked rows only: a damaged id must stop the run, not get a sound shard deleted.
     known = {shard_id for shard_id, _, _ in _table_rows(connection, "shards")}
-    used = {record.shard_id for record in file_records(connection).values()}
-    removed += [p for p in folder.glob(SHARD_GLOB) if shard_number(p) not in known]
-    dead = sorted(known - used)
+    unlisted = [p for p in folder.glob(SHARD_GLOB) if shard_number(p) not in known]
+    dead = [n for (n,) in connection.execute(
+        "SELECT id FROM shards WHERE id NOT IN (SELECT DISTINCT shard_id FROM files WHERE shard_id IS NOT NULL)")]
+    if unlisted or dead:
+        # Deleting a shard must rest on what the index positively says: a damaged byte must stop the
+        # run, not get a sound shard deleted. Checked only then, so an unchanged run stays quick.
+        _check_index(connection)
+        used = {record.shard_id for record in file_records(connection).values()}
+        dead = sorted(known - used)
+    removed += unlisted
     if dead:
         # Forget first, then delete: a crash in between leaves an orphan file, removed next time.
         with connection:
@@ -724,6 +735,13 @@ def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[P
 # --- collection queries: `vsam shards info | list | verify`, and what prep-pose adds --------
 # (Added for prep-pose: `Shard.item` above, `retire_files`, `write_collection_metadata`,
 # `collection_vocabulary`, `live_items`, `collection_info`, `verify_collection`.)
+
+def _check_index(connection: sqlite3.Connection) -> None:
+    """SQLite's integrity check (a lost row leaves bytes its pages do not account for) as a ShardFormatError."""
+    integrity = [line for (line,) in connection.execute("PRAGMA integrity_check(20)")]
+    if integrity != ["ok"]:
+        raise ShardFormatError(f"{_index_file(connection)}: SQLite integrity check failed ({'; '.join(integrity)})")
+
 
 def retire_files(connection: sqlite3.Connection, paths: list[str]) -> None:
     """Forget files (deleted from the catalog), in one transaction; their rows stop being live."""
@@ -767,8 +785,8 @@ def count_live(connection: sqlite3.Connection) -> int:
 
 def rejected_files(connection: sqlite3.Connection) -> list[dict]:
     """[{path, reason}] of the files rejected and not stored, sorted by path."""
-    return [{"path": r.path, "reason": r.reason} for r in sorted(file_records(connection).values(),
-                                                                 key=lambda r: r.path) if r.status == "rejected"]
+    rows = _table_rows(connection, "files", where="status='rejected'")
+    return [{"path": row[0], "reason": row[5]} for row in sorted(rows)]
 
 
 def collection_info(folder: str | Path) -> dict:
@@ -828,9 +846,10 @@ def verify_collection(folder: str | Path, check_leftovers: bool = True) -> list[
     problems: list[str] = []
     try:
         with open_index(folder, readonly=True) as connection:
-            integrity = [line for (line,) in connection.execute("PRAGMA integrity_check(20)")]
-            if integrity != ["ok"]:
-                problems.append(f"{index}: SQLite integrity check failed ({'; '.join(integrity)})")
+            try:
+                _check_index(connection)
+            except ShardFormatError as error:
+                problems.append(str(error))
             problems += _schema_problems(connection, index)
             meta = dict(_table_rows(connection, "meta", problems))
             shards = {shard_id: n_items for shard_id, n_items, _ in _table_rows(connection, "shards", problems)}

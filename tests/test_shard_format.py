@@ -300,3 +300,21 @@ def test_a_label_outside_the_vocabulary_is_named_with_its_row_by_readers_and_ver
     bad[1].category = 2
     with pytest.raises(ValueError, match="row 1: category 2 is outside"):
         sf.write_shard(tmp_path / "shard-000009.h5", bad, METADATA)
+
+
+def test_a_damaged_shard_id_stops_remove_orphans_instead_of_deleting_a_sound_shard(tmp_path):
+    _collection(tmp_path)
+    index = sf.index_path(tmp_path)
+    with sqlite3.connect(index) as connection:
+        n_items, created, checksum = connection.execute(
+            "SELECT n_items, created, checksum FROM shards WHERE id=2").fetchone()
+    # The shards row as SQLite stores it: header (size, serial types: id is the rowid, stored as NULL), values.
+    record = bytes([5, 0, 1, 13 + 2 * len(created), 13 + 2 * len(checksum), n_items]) + (created + checksum).encode()
+    rowid = index.read_bytes().index(record) - 1        # the rowid varint comes just before the record
+    assert index.read_bytes()[rowid] == 2
+    flip_at(index, rowid, 0x01)                         # shard 2 is now listed as shard 3
+    with sf.open_index(tmp_path) as connection:
+        with pytest.raises(sf.ShardFormatError, match=f"{re.escape(str(index))}: shards row 3 does not match"):
+            sf.remove_orphans(tmp_path, connection)
+    assert (tmp_path / "shard-000002.h5").exists()
+    assert any("shards row 3 does not match its checksum" in p for p in sf.verify_collection(tmp_path))
