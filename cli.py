@@ -53,6 +53,7 @@ def pose(images, out, detector, jobs, overlays, progress) -> None:
     gets one line (file and reason) on stderr and in OUT/pose_failures.jsonl, and the run goes on.
     The last line counts images, with a person, without, failed. Exit code 0; 1 when no image
     could be processed."""
+    from pose_prep.atomic import DiskFull
     from pose_prep.detectors import DetectorUnavailable
     from pose_prep.pose import FAILURES_FILE, run
 
@@ -60,6 +61,9 @@ def pose(images, out, detector, jobs, overlays, progress) -> None:
     try:
         summary = run(images, out, detector_name=detector, jobs=jobs, overlays=overlays,
                       progress=sys.stderr.isatty() if progress is None else progress)
+    except DiskFull as error:
+        click.echo(f"vsam pose: {error}", err=True)
+        sys.exit(EXIT_FAILED)
     except (ValueError, FileNotFoundError, DetectorUnavailable) as error:
         raise click.UsageError(str(error)) from None
     where = f" (failures listed in {out}/{FAILURES_FILE})" if summary.failed else ""
@@ -167,6 +171,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     from pathlib import Path
 
     from pose_prep import lock
+    from pose_prep.atomic import DiskFull
     from pose_prep.images import printable_name
     from pose_prep.labels import LabelError
     from pose_prep.prep import PrepError, PrepOptions, run
@@ -185,7 +190,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     except lock.Busy as error:
         click.echo(f"vsam prep-pose: {error}", err=True)
         sys.exit(EXIT_BUSY)
-    except (LabelError, PrepError, ShardFormatError) as error:
+    except (LabelError, PrepError, ShardFormatError, DiskFull) as error:
         click.echo(f"vsam prep-pose: {error}", err=True)
         sys.exit(EXIT_FAILED)
     for rejected in report.rejected:     # one line each, whatever the name holds (a newline: \n)
@@ -301,6 +306,7 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
     another `vsam train` is running in --out (one run per folder; try again later)."""
     import os
 
+    from pose_prep.atomic import DiskFull
     from pose_prep.lock import Busy
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.checkpoint import CheckpointError
@@ -324,7 +330,7 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
     except ConfigError as error:
         click.echo(f"vsam train: {error}", err=True)
         sys.exit(EXIT_USAGE)
-    except (RunFolderError, ShardFormatError, PretrainedWeightsError, CheckpointError, ValueError,
+    except (RunFolderError, ShardFormatError, PretrainedWeightsError, CheckpointError, DiskFull, ValueError,
             FloatingPointError) as error:
         click.echo(f"vsam train: {error}", err=True)
         sys.exit(EXIT_FAILED)
@@ -384,7 +390,11 @@ def eval_command(checkpoint, shards, split, json_out, batch_size, workers, per_a
     click.echo(f"{metrics['model']} epoch {metrics['epoch']} on {shards} split {split}")
     click.echo(format_table(metrics, per_attribute=per_attribute))
     if json_out:
-        write_json(metrics, json_out)
+        try:
+            write_json(metrics, json_out)
+        except OSError as error:     # a full disk (pose_prep.atomic.DiskFull names the file), a folder not there
+            click.echo(f"vsam eval: {error}", err=True)
+            sys.exit(EXIT_FAILED)
         click.echo(f"metrics: {json_out}")
 
 

@@ -48,8 +48,11 @@ def exclusive(folder: str | os.PathLike, name: str = LOCK_NAME, command: str = "
             raise Busy(f"{folder}: another {command} run is active ({_holder(path)}); "
                        "this run does nothing (exit code 75: try again later)") from None
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+        except OSError:
+            pass   # a full disk: the holder's name is a courtesy; the run itself says what went wrong
         yield path
     finally:
         os.close(fd)  # closing releases the flock

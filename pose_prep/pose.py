@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from . import images
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, reporting_disk_full
 from .detectors import check_detector
 from .detectors.openpose_json import keypoints_file_name
 from .keypoints import select_main_person, to_openpose_dict
@@ -95,7 +95,8 @@ def process_image(detector, images_dir: Path, relative_path: str, out: Path, ove
     atomic_write_text(json_path, json.dumps(to_openpose_dict(persons)))
     if overlays:
         from .overlays import draw, write_png
-        write_png(overlay_path, draw(decoded.rgb, persons))
+        with reporting_disk_full(overlay_path):
+            write_png(overlay_path, draw(decoded.rgb, persons))
     return ImageResult(relative_path, people=len(persons))
 
 
@@ -148,9 +149,10 @@ def run(images_dir: str | Path, out: str | Path, detector_name: str = "auto", jo
             summary.add(result)
             bar.update(1)
             if result.failed:
-                failures.write(json.dumps({"file": result.relative_path, "reason": result.reason},
-                                          ensure_ascii=False) + "\n")
-                failures.flush()
+                with reporting_disk_full(out / FAILURES_FILE):
+                    failures.write(json.dumps({"file": result.relative_path, "reason": result.reason},
+                                              ensure_ascii=False) + "\n")
+                    failures.flush()
                 tqdm.write(f"failed: {images_dir / images.printable_name(result.relative_path)}: {result.reason}",
                            file=sys.stderr)
 

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import heatmaps, lock
-from .atomic import atomic_write_text
+from .atomic import DiskFull, atomic_write_text, reporting_disk_full
 from .images import CatalogImage, catalog_images, printable_name
 from .labels import ItemLabels, Labels, read_labels, unlabelled
 from .prep_worker import Processed, Settings, Task, process, render_heatmap
 from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_shard, count_live, file_records,
-                           get_meta, next_shard_number, open_index, record_files, rejected_files, remove_orphans,
+                           get_meta, index_path, next_shard_number, open_index, record_files, rejected_files, remove_orphans,
                            retire_files, shard_name, write_collection_metadata, write_shard)
 
 # Exit codes (the same values as cli.py's, which imports this module only inside its command).
@@ -351,10 +351,14 @@ def run(options: PrepOptions) -> Report:
         report.path = str(out / REPORTS / f"prep-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.json")
         started = time.monotonic()
         try:
-            _run_locked(options, settings, out, labels, report)
+            with reporting_disk_full(index_path(out)):    # SQLite's SQLITE_FULL; shards and reports name themselves
+                _run_locked(options, settings, out, labels, report)
         except BaseException as error:
             report.status, report.error = "failed", f"{type(error).__name__}: {error}"
-            _finish(report, started, EXIT_FAILED)
+            try:
+                _finish(report, started, EXIT_FAILED)
+            except DiskFull:
+                pass    # no room for the report either: the error itself goes to stderr
             raise
         if report.status != "refused":
             report.error = failure(report, options.strict)

@@ -1,5 +1,7 @@
+import errno
 import json
 import os
+import pickle
 import re
 import stat
 import subprocess
@@ -7,11 +9,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from pose_prep.atomic import atomic_path, atomic_write_text, temporary_files
+import fixture_set
+import small_disk as small_disk_module
+from cli import main as vsam
+from pose_prep.atomic import DiskFull, atomic_path, atomic_write_text, disk_full, temporary_files
+from pose_prep.prep import PrepOptions, catalog_problems, run
+from pose_prep.shard_format import verify_collection
+from vsam_train.checkpoint import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 VSAM = str(Path(sys.executable).with_name("vsam"))
+TINY = REPO / "configs" / "tiny.yaml"
 
 
 @pytest.mark.parametrize("durable", [False, True])
@@ -107,3 +117,84 @@ def test_two_vsam_predict_into_one_file_leave_one_complete_output(tiny_checkpoin
     expected = sorted(p.relative_to(df_val_images).as_posix() for p in df_val_images.rglob("*") if p.is_file())
     assert sorted(paths) == expected                    # every image once: one run's whole output
     assert [p.name for p in tmp_path.iterdir()] == ["preds.jsonl"]
+
+
+# --- a full disk (a real small tmpfs: the small_disk fixture) ------------------------------------
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A ballast file that leaves about `leave` bytes free on `disk`; deleting it frees the disk."""
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    ballast = disk / "ballast"
+    ballast.write_bytes(b"\0" * max(0, free - leave))
+    return ballast
+
+
+def _last_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip().splitlines()[-1]
+
+
+def test_prep_on_a_full_disk_says_so_in_one_line_and_the_next_run_completes(tmp_path, small_disk):
+    images = fixture_set.copy_photos(tmp_path / "img", sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:12])
+    out = small_disk / "shards"
+    ballast = _fill(small_disk, 300_000)          # room for a few of the 12 photos stored at full size
+    result = subprocess.run([VSAM, "prep-pose", "--images", str(images), "--out", str(out), "--detector", "blazepose",
+                             "--max-side", "0", "--shard-size", "2", "--no-progress"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert re.fullmatch(f"vsam prep-pose: no space left on device: {re.escape(str(out))}/\\S+",
+                        _last_line(result.stderr)), result.stderr
+    assert verify_collection(out) == []           # what was committed is sound, no temporary file left
+    ballast.unlink()                              # the disk was freed: the next run stores the rest
+    report = run(PrepOptions(images=images, out=out, detector="blazepose", max_side=0, shard_size=2, progress=False))
+    assert report.exit_code == 0 and catalog_problems(out, images) == []
+
+
+@pytest.mark.parametrize("leave", [8_000, 36_000])     # SQLite says SQLITE_FULL, or cannot grow its WAL -shm file
+def test_prep_on_a_disk_too_full_for_the_index_names_the_index(tmp_path, small_disk, leave):
+    images = fixture_set.copy_photos(tmp_path / "img", sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:1])
+    _fill(small_disk, leave)
+    with pytest.raises(DiskFull) as raised:
+        run(PrepOptions(images=images, out=small_disk / "shards", detector="blazepose", progress=False))
+    assert str(raised.value) == f"no space left on device: {small_disk / 'shards' / 'index.sqlite'}"
+
+
+def test_disk_full_names_the_file_and_survives_a_worker_process_boundary():
+    error = pickle.loads(pickle.dumps(disk_full("/runs/a/last.pt")))
+    assert isinstance(error, DiskFull) and error.errno == errno.ENOSPC
+    assert str(error) == "no space left on device: /runs/a/last.pt"
+    assert str(disk_full("/q/x", errno.EDQUOT)) == "disk quota exceeded: /q/x"
+
+
+def test_train_on_a_full_disk_says_so_in_one_line_and_resume_goes_on(df_shards, small_disk):
+    run_dir = small_disk / "run"
+    last = run_dir / "checkpoints" / "last.pt"
+    settings = ["train.epochs=3", "train.batch_size=16", "train.keep_epoch_checkpoints=false", "data.num_workers=0",
+                "data.max_val_batches=1"]
+    command = ["train", "--shards", str(df_shards), "--out", str(run_dir), "--config", str(TINY), "--device", "cpu",
+               *[arg for s in settings for arg in ("--set", s)]]
+    # 1600 KiB hold one ~1 MB checkpoint but not a second one beside it: epoch 2's save fails.
+    result = subprocess.run([VSAM, *command], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 1
+    assert _last_line(result.stderr) == f"vsam train: no space left on device: {last}", result.stderr
+    assert load_checkpoint(last)["epoch"] == 1 and not list(last.parent.glob(".*.tmp"))
+    small_disk_module.grow(small_disk, "8m")
+    resumed = CliRunner().invoke(vsam, [*command, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert load_checkpoint(last)["epoch"] == 3
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "export"])
+def test_an_output_on_a_full_disk_is_one_line_naming_it(command, tiny_checkpoint, df_shards, df_val_images, small_disk):
+    out = small_disk / {"predict": "preds.jsonl", "eval": "metrics.json", "export": "model.onnx"}[command]
+    arguments = {"predict": ["--images", str(df_val_images), "--out", str(out), "--workers", "0"],
+                 "eval": ["--shards", str(df_shards), "--json", str(out), "--workers", "0"],
+                 "export": ["--format", "onnx", "--out", str(out)]}[command]
+    _fill(small_disk, 2_000)
+    result = CliRunner().invoke(vsam, [command, "--checkpoint", str(tiny_checkpoint), *arguments, "--device", "cpu"]
+                                if command != "export" else [command, "--checkpoint", str(tiny_checkpoint), *arguments])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1] == f"vsam {command}: no space left on device: {out}"
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["ballast"]      # neither output nor temporary

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from pose_prep import lock
-from pose_prep.atomic import temporary_files
+from pose_prep.atomic import atomic_write_text, reporting_disk_full, temporary_files
 
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from .config import ConfigError, load_config, save_config
@@ -364,7 +364,7 @@ class RunLog:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with reporting_disk_full(path), open(path, "a") as f:   # a line cut by a full disk is dropped on --resume
         f.write(json.dumps(record) + "\n")
 
 
@@ -379,7 +379,7 @@ def _truncate_jsonl(path: Path, keep) -> None:
                 kept.append(line)
         except json.JSONDecodeError:   # a line cut by a kill
             continue
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))   # a full disk leaves the file as it was
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -443,7 +443,9 @@ def main(config: dict, shards: str | Path, out: str | Path, *, resume: bool = Fa
         if config["train"]["cpu_threads"]:
             torch.set_num_threads(int(config["train"]["cpu_threads"]))
         try:
-            return _train(config, shards, run_dir, resume, device_kind)
+            # A full disk names the file where it can (checkpoints, config, logs), else the folder (TensorBoard).
+            with reporting_disk_full(run_dir):
+                return _train(config, shards, run_dir, resume, device_kind)
         finally:
             torch.set_num_threads(threads)
             torch.use_deterministic_algorithms(deterministic)
