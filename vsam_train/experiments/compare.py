@@ -272,4 +272,16 @@ def _cell(value: dict | None, signed: bool = False) -> str:
 if __name__ == "__main__":    # a child of `compare`: one run
     if len(sys.argv) != 3 or sys.argv[1] != "--run":
         sys.exit("usage: python -m vsam_train.experiments.compare --run SPEC_JSON")
-    run_one(RunSpec(**json.loads(sys.argv[2])))
+    from pose_prep.shard_format import ShardFormatError
+
+    from ..checkpoint import CheckpointError
+    from ..evaluate import EvalError
+    from ..train import RunFolderError
+    try:
+        run_one(RunSpec(**json.loads(sys.argv[2])))
+    except ConfigError as error:           # as `vsam train`: a config it cannot use is exit 2
+        print(f"compare: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (RunFolderError, ShardFormatError, CheckpointError, EvalError, FloatingPointError, ValueError) as error:
+        print(f"compare: {error}", file=sys.stderr)
+        sys.exit(1)

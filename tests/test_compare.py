@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from vsam_train.experiments.compare import CompareError, Variant, format_summary, summarize
+
+
+def test_variants_parse_a_model_or_a_named_model_with_overrides():
+    assert Variant.parse("vgg16") == Variant("vgg16", "vgg16", {})
+    ablation = Variant.parse("lambda1=vsam,loss.heatmap_loss.weight=1")
+    assert ablation.name == "lambda1" and ablation.model == "vsam"
+    settings = ablation.settings(2)
+    assert float(settings.pop("loss.heatmap_loss.weight")) == 1      # typed by load_config, from the schema
+    assert settings == {"model.name": "vsam", "model.attention": "single", "train.seed": 2}
+    with pytest.raises(CompareError, match="unknown model 'vit'"):
+        Variant.parse("x=vit")
+    with pytest.raises(CompareError, match="KEY=VALUE"):
+        Variant.parse("x=vsam,loss")
+
+
+def test_differences_are_paired_by_seed_and_std_is_the_sample_std():
+    def run(top1, ap):
+        return {"group_top1": {"mean": top1, "texture": top1}, "AP": ap}
+
+    data = summarize({"a": {0: run(0.70, 0.40), 1: run(0.74, 0.44), 2: None},
+                      "b": {0: run(0.60, 0.41), 1: run(0.66, 0.41), 2: run(0.9, 0.9)}})
+    assert data["models"]["a"]["group_top1"] == pytest.approx({"mean": 0.72, "std": 0.0282843, "n": 2}, abs=1e-6)
+    assert data["models"]["b"]["AP"]["n"] == 3
+    diff = data["differences"]["a - b"]          # seed 2 of b has no partner in a: left out
+    assert diff["group_top1"] == pytest.approx({"mean": 0.09, "std": 0.0141421, "n": 2}, abs=1e-6)
+    assert diff["AP"]["mean"] == pytest.approx(0.01) and diff["group_top1/texture"]["n"] == 2
+    assert data["differences"]["b - a"]["group_top1"]["mean"] == pytest.approx(-0.09)
+    table = format_summary(data, "b")
+    assert "| a - b | 2 | +0.090 ± 0.014" in table and "b - a" not in table
+
+
+def _compare(df_shards, out, *variants, extra=()):
+    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "compare.py"), "--shards", str(df_shards),
+               "--out", str(out), "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--seeds", "0,1",
+               "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "data.max_val_batches=1",
+               "--set", "train.batch_size=8", "--set", "data.num_workers=0",
+               *[arg for v in variants for arg in ("--variant", v)], *extra]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_comparison_trains_evaluates_summarises_and_continues_where_it_stopped(df_shards, tmp_path):
+    out = tmp_path / "compare"
+    done = _compare(df_shards, out, "vgg16", "vsam", extra=("--json", str(tmp_path / "result.json")))
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads((tmp_path / "result.json").read_text())
+    assert set(data["per_run"]) == {"vgg16", "vsam"} and set(data["per_run"]["vsam"]) == {"0", "1"}
+    assert data["models"]["vsam"]["group_top1"]["n"] == 2
+    assert "attention_correlation" in data["models"]["vsam"] and "attention_correlation" not in data["models"]["vgg16"]
+    assert data["differences"]["vsam - vgg16"]["group_top1"]["n"] == 2
+    assert "| vsam - vgg16 | 2 |" in done.stdout
+    evaluated = json.loads((out / "runs" / "vsam" / "seed-1" / "eval.json").read_text())
+    assert evaluated["split"] == "val" and evaluated["model"] == "vsam" and evaluated["epoch"] == 1
+
+    (out / "runs" / "vsam" / "seed-1" / "eval.json").unlink()      # as if killed before its evaluation
+    again = _compare(df_shards, out, "vgg16", "vsam")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "3 of 4 runs already evaluated; 1 to do" in again.stdout
+    assert again.stdout.count("start ") == 1 and "start vsam seed 1" in again.stdout
+
+
+def test_a_run_that_fails_is_named_with_its_log_and_the_comparison_exits_1(df_shards, tmp_path):
+    done = _compare(df_shards, tmp_path / "compare", "broken=vsam,train.batch_size=100000", extra=("--seeds", "0"))
+    assert done.returncode == 1
+    assert "FAILED (exit 1" in done.stdout and "broken seed 0" in done.stdout
+    log = (tmp_path / "compare" / "runs" / "broken" / "seed-0" / "run.log").read_text()
+    assert "fewer than one batch of 100000" in log and "Traceback" not in log
