@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import fixture_set
 from cli import EXIT_FAILED, main
-from shard_faults import flip_byte
+from shard_faults import flip_at, flip_byte, flip_text
 
 # Fixture photos: three train, three val, two test and two that no split file lists; most show people.
 NAMES = [f"coco-{number:012d}.jpg" for number in (790, 129648, 165518, 397133, 433998, 358083, 442450, 423617,
@@ -81,6 +81,35 @@ def test_verify_passes_then_names_a_flipped_byte(collection, tmp_path):
     (broken / "shard-000003.h5").unlink()
     result = invoke("shards", "verify", str(broken))
     assert result.exit_code == EXIT_FAILED and "shard-000003.h5: listed in the index but missing" in result.output
+
+
+def test_verify_names_each_damaged_file_once_and_goes_on_to_the_others(collection, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(collection, broken)
+    flip_at(broken / "shard-000001.h5", 1)                       # the HDF5 signature
+    flip_text(broken / "shard-000002.h5", '"sigma": ', at=len('"sigma": '))   # a heatmap parameter
+    flip_text(broken / "index.sqlite", '"sigma": ', at=len('"sigma": '))      # the same, in the index's meta
+    result = invoke("shards", "verify", str(broken))
+    assert result.exit_code == EXIT_FAILED and "Traceback" not in result.output
+    assert [line for line in result.output.splitlines() if line.startswith("broken: ")] == [
+        f"broken: {broken / 'index.sqlite'}: meta row 'heatmap' does not match its checksum",
+        f"broken: {broken / 'shard-000001.h5'}: not a readable HDF5 shard (Unable to synchronously open file "
+        "(file signature not found))",
+        f"broken: {broken / 'shard-000002.h5'}: file attributes do not match their checksum"]   # and 3 is sound
+
+
+def test_prep_pose_and_train_stop_with_one_line_naming_a_damaged_index_row(collection, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(collection, broken)
+    item = json.loads(invoke("shards", "list", str(broken)).output.splitlines()[0])
+    flip_text(broken / "index.sqlite", item["sha256"], at=7)
+    expected = f"{broken / 'index.sqlite'}: files row {item['path']!r} does not match its checksum"
+    result = invoke("prep-pose", "--images", str(collection.parent / "img"), "--labels", str(fixture_set.ATTR_CHALLENGE),
+                    "--out", str(broken), "--shard-size", "4")
+    assert (result.exit_code, result.output) == (EXIT_FAILED, f"vsam prep-pose: {expected}\n")
+    result = invoke("train", "--shards", str(broken), "--out", str(tmp_path / "run"), "--config",
+                    str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"), "--device", "cpu")
+    assert (result.exit_code, result.output) == (EXIT_FAILED, f"vsam train: {expected}\n")
 
 
 def test_not_a_collection_is_a_clear_error(tmp_path):
