@@ -112,6 +112,18 @@ def test_prep_pose_and_train_stop_with_one_line_naming_a_damaged_index_row(colle
     assert (result.exit_code, result.output) == (EXIT_FAILED, f"vsam train: {expected}\n")
 
 
+def test_a_relabelling_prep_pose_stops_at_a_damaged_shard_instead_of_copying_its_rows(collection, tmp_path):
+    broken = tmp_path / "shards"
+    shutil.copytree(collection, broken)
+    flip_byte(broken / "shard-000002.h5", "keypoints", 5, mask=0x01)
+    labels = tmp_path / "labels.csv"                   # new labels: every stored row is copied, not detected again
+    labels.write_text("path,category,split\n" + "".join(f"{name},Tee,train\n" for name in NAMES))
+    result = invoke("prep-pose", "--images", str(collection.parent / "img"), "--labels", str(labels), "--out",
+                    str(broken), "--shard-size", "4")
+    assert (result.exit_code, result.output) == (
+        EXIT_FAILED, f"vsam prep-pose: {broken / 'shard-000002.h5'}: dataset keypoints does not match its checksum\n")
+
+
 def test_not_a_collection_is_a_clear_error(tmp_path):
     result = invoke("shards", "info", str(tmp_path))
     assert result.exit_code == EXIT_FAILED and "no shard index here" in result.output
