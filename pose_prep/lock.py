@@ -5,8 +5,9 @@ An exclusive `fcntl.flock` on the lock file, taken without waiting. The kernel d
 when the holder's file descriptor closes, which also happens when the process is killed (kill -9,
 OOM, reboot), so a crashed run can never leave a lock that blocks the next one. The file itself is
 never deleted (deleting a lock file races with a run that is opening it); it only names the holder.
-A process forked by the holder (a DataLoader worker) shares the lock until it ends; such workers end
-with their parent (`workers.py`).
+A process the holder forks (a DataLoader worker) closes its copy of the lock's descriptor at once,
+so the lock never outlives the holder (a flock belongs to the open file, which a fork shares);
+processes started with exec never inherit it (Python's descriptors are close-on-exec).
 """
 from __future__ import annotations
 
@@ -21,6 +22,20 @@ from typing import Iterator
 
 LOCK_NAME = ".prep.lock"
 TRAIN_LOCK_NAME = ".train.lock"
+_held: set[int] = set()      # descriptors of the locks this process holds
+
+
+def _close_in_forked_child() -> None:
+    """Closing a copy does not unlock (the holder's descriptor still refers to the open file)."""
+    for fd in list(_held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_forked_child)
 
 
 class Busy(Exception):
@@ -47,6 +62,7 @@ def exclusive(folder: str | os.PathLike, name: str = LOCK_NAME, command: str = "
         except BlockingIOError:
             raise Busy(f"{folder}: another {command} run is active ({_holder(path)}); "
                        "this run does nothing (exit code 75: try again later)") from None
+        _held.add(fd)
         holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         try:
             os.ftruncate(fd, 0)
@@ -55,6 +71,7 @@ def exclusive(folder: str | os.PathLike, name: str = LOCK_NAME, command: str = "
             pass   # a full disk: the holder's name is a courtesy; the run itself says what went wrong
         yield path
     finally:
+        _held.discard(fd)
         os.close(fd)  # closing releases the flock
 
 

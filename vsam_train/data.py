@@ -477,8 +477,7 @@ def _shuffled(records, buffer_size: int, rng: np.random.Generator):
 def make_loader(stream: ShardStream, num_workers: int, pin_memory: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over a ShardStream (which batches by itself). Workers are forked per epoch, so
     each opens its shards afresh; the parent never opens one. A worker ends within half a second
-    of its parent's death (kill -9 included): torch's own check waits up to 5 s, and a forked
-    worker holds the parent's run-folder lock until it ends (pose_prep.workers)."""
+    of its parent's death, kill -9 included (pose_prep.workers; torch's own check waits up to 5 s)."""
     from pose_prep.workers import loader_worker_init
 
     return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
