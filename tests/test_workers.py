@@ -4,7 +4,6 @@ every process it had started is gone within seconds."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import fixture_set
+
 BIN = Path(sys.executable).parent
 VSAM = str(BIN / "vsam")
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -21,12 +22,10 @@ GONE_WITHIN = 10.0   # seconds; the watchdog polls every 0.5 s, the rest is a bu
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory, shared_data) -> Path:
-    folder = tmp_path_factory.mktemp("workers") / "img"
-    folder.mkdir()
-    for number in range(40):
-        shutil.copyfile(shared_data / "deepfashion-attr" / "img" / f"{number:05d}.jpg", folder / f"{number:05d}.jpg")
-    return folder
+def photos(tmp_path_factory) -> Path:
+    """40 of the fixture photos: work for 2 workers for longer than it takes to kill their parent."""
+    names = sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:40]
+    return fixture_set.copy_photos(tmp_path_factory.mktemp("workers") / "img", names)
 
 
 def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
@@ -40,10 +39,11 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
-def kill_parent_alone(command: list[str], workers: int, cwd: Path) -> tuple[list[psutil.Process], list[psutil.Process]]:
-    """Start `command`, wait until it has `workers` worker processes busy (besides helpers such as
-    loky's resource tracker), kill -9 the parent only, and return (its descendants, those still
-    alive GONE_WITHIN seconds later)."""
+def kill_parent_alone(command: list[str], workers: int, cwd: Path,
+                      settle: float = 1.0) -> tuple[list[psutil.Process], list[psutil.Process]]:
+    """Start `command`, wait until it has `workers` worker processes (besides helpers such as loky's
+    resource tracker) and `settle` seconds more for them to take work, kill -9 the parent only, and
+    return (its descendants, those still alive GONE_WITHIN seconds later)."""
     stderr = cwd / "stderr.txt"
     with open(stderr, "wb") as sink:
         process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=sink,
@@ -54,8 +54,8 @@ def kill_parent_alone(command: list[str], workers: int, cwd: Path) -> tuple[list
         while len([c for c in parent.children() if "resource_tracker" not in " ".join(c.cmdline())]) < workers:
             assert process.poll() is None, stderr.read_text()
             assert time.monotonic() < deadline, "the workers never started"
-            time.sleep(0.05)
-        time.sleep(1.0)                  # let them take work
+            time.sleep(0.02)
+        time.sleep(settle)
         descendants = parent.children(recursive=True)
         assert process.poll() is None, "the run ended before it could be killed"
         os.kill(process.pid, signal.SIGKILL)
@@ -100,7 +100,7 @@ def test_pose_workers_end_when_the_parent_is_killed(photos, tmp_path):
 
 def test_training_loader_workers_end_when_the_trainer_is_killed(df_shards, tmp_path):
     command = [VSAM, "train", "--shards", str(df_shards), "--out", str(tmp_path / "run"), "--config", str(TINY),
-               "--device", "cpu", "--workers", "2", "--epochs", "50"]
-    descendants, alive = kill_parent_alone(command, 2, tmp_path)
+               "--device", "cpu", "--workers", "2", "--epochs", "50", "--batch-size", "2"]
+    descendants, alive = kill_parent_alone(command, 2, tmp_path, settle=0.0)   # forked afresh each epoch
     assert len(descendants) >= 2
     assert alive == [], _described(alive)
