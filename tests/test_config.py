@@ -21,7 +21,7 @@ def test_paper_yaml_is_the_paper_recipe_and_the_defaults():
     config = load_config(CONFIGS / "paper.yaml")
     # DEFAULTS are the recipe from scratch (usable offline); the paper's VGG16 started from ImageNet
     assert config == {**DEFAULTS, "model": {**DEFAULTS["model"], "pretrained": "imagenet"}}
-    assert config["optim"] == {"lr": 1e-4, "decay": 1e-5, "weight_decay": 0.0}
+    assert config["optim"] == {"lr": 1e-4, "decay": 1e-5, "schedule": "inverse_time", "weight_decay": 0.0}
     assert (config["train"]["batch_size"], config["train"]["epochs"], config["model"]["image_size"]) == (64, 40, 224)
     assert (config["loss"]["focal_gamma"], config["loss"]["focal_alpha"]) == (2.0, 0.6)
     assert config["data"]["augment"]["p"] == 0.33 and config["model"]["attention"] == "single"
@@ -107,7 +107,7 @@ def test_set_optim_lr_1e_3_trains_through_the_cli(df_shards, tmp_path):
 
 
 BAD_SETTINGS = [
-    ("optim=3", "optim is a section (lr, decay, weight_decay)"),
+    ("optim=3", "optim is a section (lr, decay, schedule, weight_decay)"),
     ("model.group_joints=3", "model.group_joints is a mapping"),
     ("optim.lr=-1e-3", "optim.lr must be a number > 0, got '-1e-3'"),
     ("optim.lr=0", "optim.lr must be a number > 0"),
@@ -174,7 +174,7 @@ def test_vsam_experiment_and_the_benchmarks_refuse_the_same_values_with_exit_2(t
     ("model: [1, 2\n", "not valid YAML"),
     ("- model\n- optim\n", "a config is a mapping of sections, got list"),
     ("just text\n", "a config is a mapping of sections, got str"),
-    ("optim: 3\n", "optim is a section (lr, decay, weight_decay)"),
+    ("optim: 3\n", "optim is a section (lr, decay, schedule, weight_decay)"),
     ("optim:\n  lr: -1e-3\n", "optim.lr must be a number > 0, got '-1e-3'"),
     ("train:\n  epochs: many\n", "train.epochs must be an integer >= 1, got 'many'"),
     ("model:\n  width: {a: 1}\n", "model.width must be a number in (0, 4], got {'a': 1}"),

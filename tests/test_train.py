@@ -80,6 +80,33 @@ def test_learning_rate_follows_keras_inverse_time_decay():
         scheduler.step()
 
 
+def test_a_cosine_schedule_falls_from_the_base_rate_to_zero_over_the_run_and_fixes_its_epochs():
+    model = create_model("vgg16", 0, 3, width=1 / 16, image_size=32)
+    config = load_config(None, {"optim.schedule": "cosine", "train.epochs": 2})
+    optimizer, scheduler = build_optimizer(model, config, steps_per_epoch=2)     # 4 steps in all
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1e-4, 1e-4 * (1 + 2 ** -0.5) / 2, 0.5e-4, 1e-4 * (1 - 2 ** -0.5) / 2, 0, 0],
+                                  abs=1e-12)
+    with pytest.raises(ValueError, match="steps per epoch"):
+        build_optimizer(model, config)
+
+
+def test_a_resumed_cosine_run_may_not_change_its_epochs_an_inverse_time_one_may(tmp_path):
+    for schedule, refused in (("cosine", True), ("inverse_time", False)):
+        run = tmp_path / schedule
+        run.mkdir()
+        save_config(load_config(TINY, {"optim.schedule": schedule}), run / "config.yaml")
+        if refused:
+            with pytest.raises(ConfigError, match="differs from the run's .* in train.epochs"):
+                resolve_run_config(run, None, {"train.epochs": 9}, resume=True)
+        else:
+            assert resolve_run_config(run, None, {"train.epochs": 9}, resume=True)["train"]["epochs"] == 9
+
+
 def _train_command(shards: Path, out: Path, *extra: str) -> list[str]:
     settings = ["train.deterministic=true", "train.epochs=3", "train.batch_size=8", "train.max_steps_per_epoch=null",
                 "train.log_every=1", "train.keep_epoch_checkpoints=true", "data.num_workers=1",

@@ -64,6 +64,7 @@ DEFAULTS: dict = {
     "optim": {
         "lr": 1.0e-4,              # Adam
         "decay": 1.0e-5,           # Keras inverse-time decay per step: lr / (1 + decay · step)
+        "schedule": "inverse_time",  # inverse_time (the paper's, with decay) | cosine: to 0 over train.epochs
         "weight_decay": 0.0,
     },
     "train": {
@@ -106,6 +107,7 @@ CHOICES = {
     ("loss", "heatmap_loss", "kind"): ("l2", "softmax_l2"),
     ("loss", "group_heatmap_reduction"): ("sum", "mean"),
     ("data", "decode"): ("cpu", "gpu"),
+    ("optim", "schedule"): ("inverse_time", "cosine"),
     # pose_prep.shard_format.SPLITS (not imported here: it loads h5py; tests/test_config.py checks they agree)
     ("data", "train_split"): ("train", "val", "test", "none"),
     ("data", "val_split"): ("train", "val", "test", "none"),

@@ -53,6 +53,16 @@ class InverseTimeDecay:
         return 1.0 / (1.0 + self.decay * step)
 
 
+class CosineDecay:
+    """Half a cosine from the base rate at step 0 to 0 at `total_steps` (and 0 after)."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = max(1, int(total_steps))
+
+    def __call__(self, step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total_steps) / self.total_steps))
+
+
 # Settings that a resumed run may change: they do not change what it computes.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.cpu_threads", "train.keep_epoch_checkpoints",
                      "data.num_workers")
@@ -66,11 +76,13 @@ def resolve_run_config(out: str | Path, config_file: str | Path | None, override
     if not (resume and saved.exists()):
         return load_config(config_file, overrides)
     config, before = load_config(saved if config_file is None else config_file, overrides), load_config(saved)
-    changed = [key for key in _differences(before, config) if key not in RESUMABLE_CHANGES]
+    # A cosine schedule's horizon is train.epochs: changing it changes every later step's rate.
+    resumable = [k for k in RESUMABLE_CHANGES if not (k == "train.epochs" and before["optim"]["schedule"] == "cosine")]
+    changed = [key for key in _differences(before, config) if key not in resumable]
     if changed:
         given = "the options given" if config_file is None else f"{config_file} (with the options given)"
         raise ConfigError(f"--resume: {given} differs from the run's {saved} in {', '.join(changed)}; a resumed "
-                          f"run may change only {', '.join(RESUMABLE_CHANGES)}")
+                          f"run may change only {', '.join(resumable)}")
     return config
 
 
@@ -145,11 +157,18 @@ def pooling_mix(step: int, config: dict) -> float:
     return min(1.0, step / warmup) if warmup else 1.0
 
 
-def build_optimizer(model: torch.nn.Module, config: dict):
+def build_optimizer(model: torch.nn.Module, config: dict, steps_per_epoch: int | None = None):
+    """Adam and its schedule: optim.schedule inverse_time (Keras' decay, the paper's) or cosine
+    (to 0 over train.epochs × `steps_per_epoch` steps, which it then needs)."""
     o = config["optim"]
     optimizer = torch.optim.Adam(model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, InverseTimeDecay(o["decay"]))
-    return optimizer, scheduler
+    if o["schedule"] == "cosine":
+        if not steps_per_epoch:
+            raise ValueError("optim.schedule cosine needs the number of steps per epoch")
+        factor = CosineDecay(config["train"]["epochs"] * steps_per_epoch)
+    else:
+        factor = InverseTimeDecay(o["decay"])
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def images_on_device(batch: dict, device: torch.device, image_size: int, channels_last: bool) -> torch.Tensor:
@@ -517,7 +536,7 @@ def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) 
     model = build_model(config, vocabulary).to(device)
     if t["channels_last"] and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = build_optimizer(model, config)
+    optimizer, scheduler = build_optimizer(model, config, len(train_stream))
     criterion = VsamLoss.from_config(config["loss"])
     start_epoch, step = 0, 0
     if resume and last.exists():
