@@ -65,15 +65,17 @@ def df_source(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def df_shards(tmp_path_factory, df_source) -> Path:
-    """A real shard collection built by `pose_prep.prep` (the default auto detector: BlazePose, then
-    YOLO) from `df_source` with its labels (26 attributes in 6 groups): 96 train and 24 val images,
-    stored at 128 px, 40 items per shard (3 train shards). Read-only for tests: copy it before
-    changing anything."""
+    """A real shard collection built by `pose_prep.prep` (real BlazePose: a third of the items show a
+    person it finds) from `df_source` with its labels (26 attributes in 6 groups): 96 train and 24 val
+    images, stored at 128 px, 40 items per shard (3 train shards). Read-only for tests: copy it
+    before changing anything."""
     from pose_prep.prep import PrepOptions, run
 
     out = tmp_path_factory.mktemp("df-shards") / "shards"
+    # BlazePose alone: the auto cascade would add YOLO on the two thirds without a person it finds
+    # (~9 s of CPU); tests/test_detectors.py and test_prep.py cover auto.
     report = run(PrepOptions(images=df_source, labels=df_source, out=out, shard_size=40, max_side=128,
-                             progress=False))
+                             detector="blazepose", progress=False))
     assert report.exit_code == 0, report
     return out
 

@@ -34,7 +34,7 @@ def prep_pose(tmp_path: Path, name: str, *options: str, verbose: bool = False) -
 
 
 def test_prep_pose_shows_no_native_log_lines_with_one_job_or_two_and_keeps_its_own_output(tmp_path):
-    for jobs, detector in (("1", "blazepose"), ("2", "auto")):
+    for jobs, detector in (("1", "auto"), ("2", "blazepose")):      # auto: BlazePose, and YOLO on the 4th
         done = prep_pose(tmp_path, f"jobs{jobs}", "--jobs", jobs, "--detector", detector, "--progress")
         assert done.returncode == 0, done.stderr
         assert native_lines(done.stderr) == [], (jobs, done.stderr)
