@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from . import heatmaps, lock
+from . import heatmaps, leases, lock
 from .atomic import DiskFull, atomic_write_text, reporting_disk_full
 from .images import CatalogImage, catalog_images, printable_name
 from .labels import ItemLabels, Labels, read_labels, unlabelled
@@ -133,6 +133,7 @@ class Report:
     rejected_total: int = 0           # rejected files in the index after the run
     items_total: int = 0              # live items after the run
     removed_leftovers: list[str] = field(default_factory=list)
+    retired_kept: list[str] = field(default_factory=list)   # shard files out of the collection that readers hold
     found: int = 0                    # image files found under --images (after --splits)
     stored: int = 0                   # items this run wrote into shards
     unreadable: list[dict] = field(default_factory=list)  # {path, reason}: folders and files not seen
@@ -153,6 +154,7 @@ class Report:
                 f"({self.images_per_s:.1f} images/s); {self.items_total} items live")
         text += f", {c['unreadable']} kept unreadable" if c["unreadable"] else ""
         text += f", {c['excluded']} outside --splits" if c["excluded"] else ""
+        text += f", {len(self.retired_kept)} retired shard(s) kept for running readers" if self.retired_kept else ""
         match = self.labels_match
         return text + (f"; labels: {match['matched']} images matched, {match['unlabelled']} unlabelled, "
                        f"{match['unmatched_rows']} label rows match no image" if match else "")
@@ -409,6 +411,7 @@ def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Lab
         report.stored = writer.written
         write_collection_metadata(connection, metadata, extra)   # the detector version is known now
         remove_orphans(out, connection)
+        report.retired_kept = [p.name for p in leases.retired_files(out)]
         report.items_total = count_live(connection)
         report.rejected_total = len(rejected_files(connection))
 

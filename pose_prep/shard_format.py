@@ -36,6 +36,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
+from . import leases
 from .atomic import atomic_path
 from .keypoints import NUM_JOINTS
 
@@ -211,14 +212,17 @@ def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadat
     problem = _label_problem(arrays, metadata.vocabulary)
     if problem:
         raise ValueError(f"{path}: {problem}")
-    with atomic_path(path, durable=True) as temporary, h5py.File(temporary, "w") as f:
+    with atomic_path(path, durable=True, single_writer=True) as temporary, h5py.File(temporary, "w") as f:
         for name in ITEM_DATASETS:
             array = arrays[name]
             if name == "path":
                 f.create_dataset(name, data=array, dtype=h5py.string_dtype("utf-8"))
             elif name == "heatmap":
-                # Heatmaps are mostly zeros: lzf shrinks them ~5x and decodes fast.
-                f.create_dataset(name, data=array, compression="lzf", chunks=(min(len(items), 64),) + array.shape[1:])
+                # Heatmaps are mostly zeros: lzf shrinks them ~5x and decodes fast. Fletcher-32 per chunk,
+                # checked before decompression: a damaged LZF stream can decode short and leave the rest of
+                # the chunk to whatever the buffer held, which no checksum of the decoded values can pin down.
+                f.create_dataset(name, data=array, compression="lzf", fletcher32=True,
+                                 chunks=(min(len(items), 64),) + array.shape[1:])
             else:
                 f.create_dataset(name, data=array)
         f.attrs["schema_version"] = SCHEMA_VERSION
@@ -303,6 +307,9 @@ def _check_layout(file: h5py.File, header: _Header, path: Path) -> None:
             if name == "image_bytes":
                 contiguous = dataset.chunks is None and dataset.compression is None
                 storage = dataset.id.get_storage_size()
+            elif name == "heatmap" and not (dataset.compression == "lzf" and dataset.fletcher32):
+                raise ShardFormatError(f"{path}: dataset heatmap is not stored with lzf and Fletcher-32 "
+                                       f"(filters {dataset.compression}, fletcher32={dataset.fletcher32})")
             elif name == "heatmap" and shape is None:
                 shape = (header.n_items, *actual_shape[1:]) if len(actual_shape) == 3 else ("n", "h", "w")
             string = h5py.check_string_dtype(actual_dtype) if dtype is None else None
@@ -359,10 +366,7 @@ class Shard:
     def file(self) -> h5py.File:
         if self._file is None:
             with _reading(self.path, "HDF5 file"):
-                try:
-                    file = h5py.File(self.path, "r")
-                except OSError as error:
-                    raise ShardFormatError(f"{self.path}: not a readable HDF5 shard ({_one_line(error)})") from None
+                file = _open_hdf5(self.path)
             try:
                 header = _read_header(file, self.path)
                 _check_layout(file, header, self.path)
@@ -445,6 +449,21 @@ class Shard:
                 sha256=f["sha256"][row].decode("ascii"), width=int(f["width"][row]), height=int(f["height"][row]))
 
 
+def _open_hdf5(path: Path) -> h5py.File:
+    """The shard file named `path`, where it is now: a file that left the collection after a reader's
+    snapshot was taken sits in `retired/` while the reader's lease holds it (pose_prep.leases)."""
+    for candidate in (path, leases.retired_path(path)):
+        try:
+            return h5py.File(candidate, "r")
+        except FileNotFoundError:
+            continue
+        except OSError as error:
+            raise ShardFormatError(f"{path}: not a readable HDF5 shard ({_one_line(error)})") from None
+    raise ShardFormatError(f"{path}: no such shard file: the collection changed under this reader (a shard it "
+                           "started with was deleted, by hand or by a prep-pose that does not keep shards for "
+                           "running readers); rerun the command to read the collection as it is now")
+
+
 def _read_dataset(dataset: h5py.Dataset) -> np.ndarray:
     """A whole dataset; variable-length strings (the paths) as an object array of str."""
     return dataset.asstr()[...] if dataset.dtype.kind == "O" else dataset[...]
@@ -525,6 +544,9 @@ CREATE INDEX IF NOT EXISTS files_by_shard ON files(shard_id, row);
 _COLUMNS = {"meta": ("key", "value"), "shards": ("id", "n_items", "created"),
             "files": ("path", "size", "mtime_ns", "sha256", "status", "reason", "shard_id", "row", "split", "labels",
                       "updated")}
+# A damaged index raises sqlite3 errors, or UnicodeDecodeError where SQLite's own error message quotes a
+# damaged table definition that is no longer UTF-8.
+_SQLITE_ERRORS = (sqlite3.DatabaseError, UnicodeDecodeError)
 # SQLite result codes that say something about the machine, not about the file's bytes.
 _ENVIRONMENT_ERRORS = ("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_READONLY",
                        "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_INTERRUPT", "SQLITE_NOMEM")
@@ -622,12 +644,12 @@ def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.C
                     with connection:
                         set_meta(connection, "schema_version", str(SCHEMA_VERSION))
             version = _schema_version(connection)
-        except sqlite3.DatabaseError as error:
+        except _SQLITE_ERRORS as error:
             raise ShardFormatError(f"{path}: not a readable shard index ({_one_line(error)})") from None
         check_schema(version, path)
         try:
             yield connection
-        except sqlite3.DatabaseError as error:
+        except _SQLITE_ERRORS as error:
             if not readonly and (getattr(error, "sqlite_errorname", "") or "").startswith(_ENVIRONMENT_ERRORS):
                 raise
             raise ShardFormatError(f"{path}: damaged or unreadable shard index ({_one_line(error)})") from None
@@ -654,11 +676,18 @@ def set_meta(connection: sqlite3.Connection, key: str, value: str) -> None:
     connection.execute("INSERT OR REPLACE INTO meta VALUES (?, ?, ?)", (key, value, _row_checksum("meta", (key, value))))
 
 
+LAST_SHARD = "last_shard"      # meta key: the highest shard number ever committed
+
+
 def next_shard_number(folder: str | Path, connection: sqlite3.Connection) -> int:
-    """One past every number used so far, by the index or by any file (orphans included)."""
+    """One past every number used so far: by the index (now or ever: `LAST_SHARD`), or by any file
+    (orphans and retired files included). A number is never used twice, so a reader's snapshot that
+    names `shard-000012.h5` can only ever find the file it meant (pose_prep.leases)."""
     in_index = max((shard_id for shard_id, _, _ in _table_rows(connection, "shards")), default=0)
-    on_disk = [shard_number(p) or 0 for p in Path(folder).glob(SHARD_GLOB)]
-    return max([in_index, *on_disk]) + 1
+    ever = int(get_meta(connection, LAST_SHARD) or 0)
+    folder = Path(folder)
+    on_disk = [shard_number(p) or 0 for p in [*folder.glob(SHARD_GLOB), *(folder / leases.RETIRED).glob(SHARD_GLOB)]]
+    return max([in_index, ever, *on_disk]) + 1
 
 
 def commit_shard(connection: sqlite3.Connection, number: int, records: list[FileRecord]) -> None:
@@ -668,6 +697,8 @@ def commit_shard(connection: sqlite3.Connection, number: int, records: list[File
     with connection:
         shard = (number, len(records), now)
         connection.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (*shard, _row_checksum("shards", shard)))
+        if number > int(get_meta(connection, LAST_SHARD) or 0):
+            set_meta(connection, LAST_SHARD, str(number))
         _insert_files(connection, [(r.path, r.size, r.mtime_ns, r.sha256, r.status, r.reason, number, row, r.split,
                                     r.labels, now) for row, r in enumerate(records)])
 
@@ -691,13 +722,60 @@ def file_records(connection: sqlite3.Connection) -> dict[str, FileRecord]:
 
 def live_rows(folder: str | Path, splits: tuple[str, ...] | None = None) -> dict[Path, np.ndarray]:
     """Shard file → sorted live row numbers, optionally only items of the given splits. Every row of
-    the index is checked (filtering in SQL would skip a row whose split or shard was damaged)."""
-    by_shard: dict[int, list[int]] = {}
+    the index is checked (filtering in SQL would skip a row whose split or shard was damaged).
+    Without a lease: a reader that outlives a prep-pose run takes a `snapshot` instead."""
     with open_index(folder, readonly=True) as connection:
-        for record in file_records(connection).values():
-            if record.shard_id is not None and (not splits or record.split in splits):
-                by_shard.setdefault(record.shard_id, []).append(record.row)
-    return {Path(folder) / shard_name(n): np.array(sorted(by_shard[n]), np.int64) for n in sorted(by_shard)}
+        return _live_rows(connection, Path(folder), splits)
+
+
+def _live_rows(connection: sqlite3.Connection, folder: Path, splits: tuple[str, ...] | None) -> dict[Path, np.ndarray]:
+    by_shard: dict[int, list[int]] = {}
+    for record in file_records(connection).values():
+        if record.shard_id is not None and (not splits or record.split in splits):
+            by_shard.setdefault(record.shard_id, []).append(record.row)
+    return {folder / shard_name(n): np.array(sorted(by_shard[n]), np.int64) for n in sorted(by_shard)}
+
+
+@dataclass
+class Snapshot:
+    """A collection as it was at one instant, for a reader: the index's meta values and the live rows
+    per shard file, read in one transaction, and a lease on each of those files (pose_prep.leases)
+    until `close` or the end of the process. Whatever prep-pose does meanwhile (relabel, reprocess,
+    retire, compact), these rows stay readable and unchanged."""
+    folder: Path
+    meta: dict[str, str]
+    rows: dict[Path, np.ndarray]
+    lease: leases.Lease
+
+    def close(self) -> None:
+        self.lease.close()
+
+    def __enter__(self) -> "Snapshot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+SNAPSHOT_ATTEMPTS = 5
+
+
+def snapshot(folder: str | Path, splits: tuple[str, ...] | None = None) -> Snapshot:
+    """The collection now (optionally only items of `splits`), leased: see `Snapshot`. A shard that
+    leaves the collection between the index read and its lease makes it read the index again."""
+    folder = Path(folder)
+    for _ in range(SNAPSHOT_ATTEMPTS):
+        with open_index(folder, readonly=True) as connection:
+            connection.execute("BEGIN")       # one read transaction: meta and rows of one instant
+            meta = dict(_table_rows(connection, "meta"))
+            rows = _live_rows(connection, folder, splits)
+            connection.rollback()
+        try:
+            return Snapshot(folder, meta, rows, leases.hold(list(rows)))
+        except leases.Gone:
+            continue
+    raise ShardFormatError(f"{folder}: the collection changed under this reader {SNAPSHOT_ATTEMPTS} times while it "
+                           "took its snapshot (a prep-pose run retiring shards); try again")
 
 
 def collection_metadata(folder: str | Path) -> dict:
@@ -707,10 +785,12 @@ def collection_metadata(folder: str | Path) -> dict:
 
 
 def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[Path]:
-    """Delete temporary files and shard files the index does not list (left by a crash between
-    rename and commit), and shards no live row points at any more. Returns what was removed."""
+    """Delete temporary files, and retire shard files the index does not list (left by a crash
+    between rename and commit) and shards no live row points at any more: moved into `retired/`,
+    deleted there once no reader holds a lease on them (pose_prep.leases). Returns what left the
+    folder (under the names it had there)."""
     folder = Path(folder)
-    removed = [p for p in folder.glob(f".{SHARD_GLOB}.tmp")]
+    temporaries = [p for p in folder.glob(f".{SHARD_GLOB}*.tmp")]   # .NAME.tmp, or another writer's .NAME.<hex>.tmp
     known = {shard_id for shard_id, _, _ in _table_rows(connection, "shards")}
     unlisted = [p for p in folder.glob(SHARD_GLOB) if shard_number(p) not in known]
     dead = [n for (n,) in connection.execute(
@@ -721,15 +801,19 @@ def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[P
         _check_index(connection)
         used = {record.shard_id for record in file_records(connection).values()}
         dead = sorted(known - used)
-    removed += unlisted
+    leaving = unlisted
     if dead:
-        # Forget first, then delete: a crash in between leaves an orphan file, removed next time.
+        # Forget first, then retire: a crash in between leaves an unlisted file, retired next time.
         with connection:
             connection.executemany("DELETE FROM shards WHERE id=?", [(n,) for n in dead])
-        removed += [folder / shard_name(n) for n in dead]
-    for path in removed:
+        leaving += [folder / shard_name(n) for n in dead]
+    for path in temporaries:
         path.unlink(missing_ok=True)
-    return removed
+    for path in leaving:
+        if path.exists():
+            leases.retire(path)
+    leases.purge(folder)
+    return temporaries + leaving
 
 
 # --- collection queries: `vsam shards info | list | verify`, and what prep-pose adds --------
@@ -793,6 +877,7 @@ def collection_info(folder: str | Path) -> dict:
     """Totals of a collection from its index: items per split, with and without pose, the
     vocabularies, detector, heatmap and image parameters, and the rejected files with reasons."""
     folder = Path(folder)
+    retired = leases.retired_files(folder)     # out of the collection, kept while readers hold them
     with open_index(folder, readonly=True) as connection:
         meta = dict(_table_rows(connection, "meta"))
         records = list(file_records(connection).values())
@@ -819,6 +904,7 @@ def collection_info(folder: str | Path) -> dict:
         "shards": len(shard_ids),
         "bytes": sum((folder / shard_name(n)).stat().st_size for n in shard_ids
                      if (folder / shard_name(n)).exists()),
+        "retired": {"files": len(retired), "bytes": sum(p.stat().st_size for p in retired if p.exists())},
         "detector": meta.get("detector"),
         "detector_version": meta.get("detector_version"),
         "heatmap": parsed["heatmap"],
@@ -887,7 +973,7 @@ def verify_collection(folder: str | Path, check_leftovers: bool = True) -> list[
 
     if check_leftovers:
         problems += [f"{p}: temporary file of an interrupted run (the next prep-pose run removes it)"
-                     for p in sorted(folder.glob(f".{SHARD_GLOB}.tmp"))]
+                     for p in sorted(folder.glob(f".{SHARD_GLOB}*.tmp"))]
         problems += [f"{p}: shard file not listed in the index (orphan of an interrupted run)"
                      for p in sorted(folder.glob(SHARD_GLOB)) if shard_number(p) not in shards]
     return problems

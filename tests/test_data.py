@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -115,15 +116,21 @@ def _item_paths(stream):
         yield paths[shard_path][row]
 
 
+def _open_hdf5_files() -> list[str]:
+    return [h5py.h5f.FileID(i).name.decode() for i in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)]
+
+
 def test_workers_open_the_shards_and_the_parent_never_does(df_shards):
     stream = _stream(df_shards)
-    assert _open_shard_files() == []
+    # The parent holds its snapshot's lease (a plain descriptor per shard, pose_prep.leases), never an HDF5 file.
+    assert len(stream.snapshot.lease) == len(stream.shards) and _open_hdf5_files() == []
+    assert {str(path) for path, _ in stream.shards} <= set(_open_shard_files())
     loader = make_loader(stream, num_workers=1)
     iterator = iter(loader)
     next(iterator)
-    assert _open_shard_files() == []          # the worker holds them
+    assert _open_hdf5_files() == []          # the worker holds them
     assert len([next(iterator) for _ in range(len(stream) - 1)]) == len(stream) - 1
-    assert _open_shard_files() == []
+    assert _open_hdf5_files() == []
 
 
 def test_evaluation_stream_keeps_every_item_once_in_stored_order(df_shards):

@@ -41,7 +41,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
 from pose_prep.heatmaps import DEFAULT_GROUP, DEFAULT_SIGMA, DEFAULT_SIZE, from_uint8, render, to_uint8
-from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, live_rows
+from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, snapshot
 
 from .groups import render_group_heatmaps, resolve_joints
 
@@ -193,9 +193,10 @@ class CollectionInfo:
     image_encoding: dict     # {"format": "jpeg", ...}
 
 
-def read_collection(folder: str | Path) -> CollectionInfo:
-    """Label vocabulary and parameters of a collection, from its index (never opens a shard)."""
-    meta = collection_metadata(folder)
+def read_collection(folder: str | Path, meta: dict[str, str] | None = None) -> CollectionInfo:
+    """Label vocabulary and parameters of a collection, from its index (never opens a shard), or
+    from `meta` when given (a snapshot's)."""
+    meta = collection_metadata(folder) if meta is None else meta
     if "vocabulary" not in meta:
         raise ShardFormatError(f"{folder}: the index records no label vocabulary (was it written by vsam prep-pose?)")
     return CollectionInfo(Vocabulary.from_json(meta["vocabulary"]), json.loads(meta.get("heatmap") or "{}"),
@@ -214,10 +215,16 @@ def split_group_heatmaps(folder: str | Path, split: str, group_joints: list[tupl
     `fast.load_resident_split` reads them): its group heatmaps rendered from the stored keypoints
     as uint8 (N, G, H, W) (255 = 1.0, like the stored heatmaps), "group_has_pose" (N, G) bool and
     the paths. For splits held in memory; ShardStream renders per batch instead."""
-    info = read_collection(folder)
+    with snapshot(folder, (split,)) as collection:
+        return _group_heatmaps(collection, group_joints, max_items)
+
+
+def _group_heatmaps(collection, group_joints: list[tuple[int, ...] | None],
+                    max_items: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    info = read_collection(collection.folder, collection.meta)
     size, sigma = heatmap_geometry(info)
     maps, lit, paths = [], [], []
-    for shard_path, rows in live_rows(folder, (split,)).items():
+    for shard_path, rows in collection.rows.items():
         if max_items is not None:
             rows = rows[:max(0, max_items - len(paths))]
         if len(rows) == 0:
@@ -261,10 +268,13 @@ class ShardStream(IterableDataset):
             raise ValueError(f"decode must be 'cpu' or 'gpu', not {decode!r}")
         self.folder = Path(folder)
         self.split = split
-        self.info = read_collection(folder)
+        # The collection as it is now, leased for this stream's life: a prep-pose run that starts later
+        # (relabel, reprocess, compaction) changes nothing this stream reads, in any epoch.
+        self.snapshot = snapshot(folder, (split,) if split else None)
+        self.info = read_collection(folder, self.snapshot.meta)
         if decode == "gpu" and self.info.image_encoding.get("format", "jpeg") != "jpeg":
             raise ValueError(f"{folder}: images are {self.info.image_encoding.get('format')}, GPU decoding needs JPEG")
-        self.shards = [(path, rows) for path, rows in live_rows(folder, (split,) if split else None).items()]
+        self.shards = list(self.snapshot.rows.items())
         self.n_items = sum(len(rows) for _, rows in self.shards)
         self.image_size, self.grid = image_size, image_size // 4
         self.batch_size, self.train = batch_size, train
@@ -287,6 +297,10 @@ class ShardStream(IterableDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def close(self) -> None:
+        """Let go of the snapshot's lease now (else: when the stream is collected or the process ends)."""
+        self.snapshot.close()
 
     def __len__(self) -> int:
         """Batches per epoch on this rank."""
@@ -435,8 +449,10 @@ class _Reader:
             shard = Shard(path)
             try:
                 if shard.vocabulary != self.vocabulary:
-                    raise ShardFormatError(f"{path}: written with another label vocabulary than the collection's "
-                                           "(an interrupted relabelling run? rerun prep-pose)")
+                    raise ShardFormatError(f"{path}: written with another label vocabulary than the collection's: "
+                                           "the collection was being relabelled when this reader started (rerun "
+                                           "once that prep-pose run has ended), or such a run was interrupted "
+                                           "(rerun prep-pose)")
                 self.shards[path] = (shard, shard.read(self.columns))
             except BaseException:
                 shard.close()

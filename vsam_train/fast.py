@@ -26,7 +26,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.ops import roi_align
 
-from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, live_rows
+from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, snapshot
 
 from .data import crop_boxes, decode_jpegs, draw_augmentation, normalize, read_collection
 
@@ -73,23 +73,9 @@ def load_resident_split(folder: str | Path, split: str, image_size: int, device:
     device = torch.device(device)
     decode_device = torch.device(decode_device) if decode_device is not None else device
     started = time.perf_counter()
-    vocabulary = read_collection(folder).vocabulary
-    encoded, heatmaps, has_pose, category, attributes, paths = [], [], [], [], [], []
-    for shard_path, rows in live_rows(folder, (split,)).items():
-        if max_items is not None and len(paths) >= max_items:
-            break
-        if max_items is not None:
-            rows = rows[:max_items - len(paths)]
-        with Shard(shard_path) as shard:
-            data = shard.read(("image_offsets", "image_bytes", "heatmap", "has_pose", "category", "attributes", "path"))
-        offsets, blob = data["image_offsets"], data["image_bytes"]
-        for row in rows:
-            encoded.append(torch.from_numpy(blob[offsets[row]:offsets[row + 1]].copy()))
-        heatmaps.append(data["heatmap"][rows])
-        has_pose.append(data["has_pose"][rows])
-        category.append(data["category"][rows])
-        attributes.append(data["attributes"][rows])
-        paths += data["path"][rows].tolist()
+    with snapshot(folder, (split,)) as collection:   # leased while it is read: see pose_prep.leases
+        vocabulary = read_collection(folder, collection.meta).vocabulary
+        encoded, heatmaps, has_pose, category, attributes, paths = _read_resident(collection.rows, max_items)
     if not paths:
         raise ShardFormatError(f"{folder}: split {split!r} holds no items")
     images = torch.empty((len(paths), 3, image_size, image_size), dtype=torch.uint8, device=device)
@@ -107,6 +93,27 @@ def load_resident_split(folder: str | Path, split: str, image_size: int, device:
     synchronize(device)
     resident.decode_seconds = time.perf_counter() - started
     return resident
+
+
+def _read_resident(rows_by_shard: dict, max_items: int | None) -> tuple[list, list, list, list, list, list]:
+    """Encoded images, heatmaps, has_pose, category, attributes and paths of these rows, in order."""
+    encoded, heatmaps, has_pose, category, attributes, paths = [], [], [], [], [], []
+    for shard_path, rows in rows_by_shard.items():
+        if max_items is not None and len(paths) >= max_items:
+            break
+        if max_items is not None:
+            rows = rows[:max_items - len(paths)]
+        with Shard(shard_path) as shard:
+            data = shard.read(("image_offsets", "image_bytes", "heatmap", "has_pose", "category", "attributes", "path"))
+        offsets, blob = data["image_offsets"], data["image_bytes"]
+        for row in rows:
+            encoded.append(torch.from_numpy(blob[offsets[row]:offsets[row + 1]].copy()))
+        heatmaps.append(data["heatmap"][rows])
+        has_pose.append(data["has_pose"][rows])
+        category.append(data["category"][rows])
+        attributes.append(data["attributes"][rows])
+        paths += data["path"][rows].tolist()
+    return encoded, heatmaps, has_pose, category, attributes, paths
 
 
 def _decode(encoded: list[torch.Tensor], paths: list[str], device: torch.device) -> list[torch.Tensor]:
