@@ -318,3 +318,37 @@ def test_a_damaged_shard_id_stops_remove_orphans_instead_of_deleting_a_sound_sha
             sf.remove_orphans(tmp_path, connection)
     assert (tmp_path / "shard-000002.h5").exists()
     assert any("shards row 3 does not match its checksum" in p for p in sf.verify_collection(tmp_path))
+
+
+@pytest.mark.parametrize("text, at, mask", [("CREATE TABLE meta", 8, 0x80), ("value TEXT NOT NULL", 15, 0xAA),
+                                           ("sqlite_autoindex_meta_1", 2, 0xC4), ("n_items INTEGER", 3, 0x80)])
+def test_a_damaged_table_definition_is_named_not_a_traceback(tmp_path, text, at, mask):
+    """SQLite's error message then quotes the definition, bytes that are no longer UTF-8 included,
+    which Python's sqlite3 cannot decode (UnicodeDecodeError, not an sqlite3 error)."""
+    _collection(tmp_path)
+    index = sf.index_path(tmp_path)
+    flip_text(index, text, at=at, mask=mask)
+    problems = sf.verify_collection(tmp_path)
+    assert len(problems) == 1 and problems[0].startswith(f"{index}: "), problems
+    with pytest.raises(sf.ShardFormatError, match=re.escape(f"{index}: ")):
+        sf.collection_info(tmp_path)
+    with pytest.raises(sf.ShardFormatError, match=re.escape(f"{index}: ")):
+        with sf.open_index(tmp_path) as connection:
+            sf.next_shard_number(tmp_path, connection)
+
+
+def test_a_flip_in_a_compressed_heatmap_chunk_is_caught_on_every_read(tmp_path):
+    """A damaged LZF stream can decode short, leaving the rest of the chunk to whatever the buffer
+    held (the right values, when the same chunk was decoded before): the chunk's Fletcher-32
+    checksum, checked before decompression, makes every read fail alike."""
+    _collection(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    with h5py.File(path) as f:
+        chunk = f["heatmap"].id.get_chunk_info(0)
+    rng = np.random.default_rng(3)
+    pristine = path.read_bytes()
+    for position in rng.integers(chunk.byte_offset, chunk.byte_offset + chunk.size, 12):
+        flip_at(path, int(position), int(rng.integers(1, 256)))
+        first, second = sf.verify_shard(path), sf.verify_shard(path)
+        assert first == second and len(first) == 1 and "dataset heatmap unreadable" in first[0], (position, first)
+        path.write_bytes(pristine)
