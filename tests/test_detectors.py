@@ -222,7 +222,9 @@ def test_detector_names_and_missing_extras(tmp_path):
 
 def test_versions_name_library_and_weights(auto_detector):
     assert auto_detector.blazepose.version.startswith("mediapipe-0.10.21")
-    assert auto_detector.yolo.version.startswith("ultralytics-") and "yolo11n-pose" in auto_detector.yolo.version
+    # onnxruntime: the ONNX path ran (tests/test_yolo_onnx.py compares it with ultralytics' torch path).
+    assert auto_detector.yolo.version.startswith("onnxruntime-") and "yolo11n-pose" in auto_detector.yolo.version
+    assert auto_detector.version.endswith("+" + auto_detector.yolo.version)
     assert auto_detector.version.startswith("auto:")
 
 

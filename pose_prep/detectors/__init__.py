@@ -70,6 +70,9 @@ def check_detector(name: str) -> None:
         _require(name)
     else:
         raise ValueError(f"unknown detector {name!r}; choose one of: {', '.join(NAMES)}")
+    if name in ("auto", "yolo"):
+        from .yolo import check_runtime
+        check_runtime()     # VSAM_YOLO_RUNTIME, read again by every worker
 
 
 def make_detector(name: str) -> Detector:
