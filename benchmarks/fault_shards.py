@@ -310,6 +310,13 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def code_state() -> dict:
+    git = lambda *args: subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {"commit": git("rev-parse", "HEAD"),
+            "uncommitted_changes": bool(git("status", "--porcelain", "--", "pose_prep", "vsam_train",
+                                            "benchmarks/fault_shards.py"))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flips", type=int, default=400, help="flips per file (shard, index)")
@@ -320,6 +327,7 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
     started = time.monotonic()
+    code = code_state()          # now: the trials run the code this process loaded
     with tempfile.TemporaryDirectory() as root:
         folder = build_collection(Path(root), args.images, args.shard_size)
         original = snapshot(folder)
@@ -344,11 +352,7 @@ def main() -> None:
                       f"readers {t.get('readers')}\n  {t.get('detail', '')}\n  {t.get('reader_detail', '')}")
     summary = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
-                                 text=True).stdout.strip(),
-        "uncommitted_changes": bool(subprocess.run(
-            ["git", "-C", str(REPO), "status", "--porcelain", "--", "pose_prep", "vsam_train", "benchmarks/fault_shards.py"],
-            capture_output=True, text=True).stdout.strip()),
+        **code,
         "date": time.strftime("%Y-%m-%d"), "seconds": round(time.monotonic() - started, 1),
         "machine": platform.platform(), "h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version,
         "sqlite": sqlite3.sqlite_version, "flips_per_file": args.flips, "images": args.images,

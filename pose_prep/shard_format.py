@@ -162,7 +162,7 @@ def _checksum(array: np.ndarray) -> str:
     if array.dtype == object:
         payload = "\0".join(array.tolist()).encode("utf-8")
     else:
-        payload = np.ascontiguousarray(array).tobytes()
+        payload = np.ascontiguousarray(array)     # hashed through the buffer protocol: no copy
     return hashlib.sha256(payload).hexdigest()
 
 
