@@ -144,6 +144,9 @@ def _echo_label_mismatches(match: dict) -> None:
 @click.option("--backend", default="loky", show_default=True, type=click.Choice(["loky", "dask"]),
               help="loky: local processes; dask: the cluster at --scheduler.")
 @click.option("--scheduler", help="Dask scheduler address (with --backend dask), e.g. tcp://10.0.0.5:8786.")
+@click.option("--worker-wait", default=120, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
+              help="With dask: how long the run waits while the cluster has no worker (all left, or none started), "
+                   "saying so on stderr, before it stops (exit 1; what it received is committed).")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Items per shard.")
 @click.option("--strict", is_flag=True,
               help="Exit 1 while any file of the catalog is rejected, a folder or file could not be read, or (with "
@@ -157,7 +160,7 @@ def _echo_label_mismatches(match: dict) -> None:
 @click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100))
 @click.option("--splits", help="Keep only images of these splits, e.g. train,val (others are left out).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def prep_pose(images, labels, labels_format, out, detector, jobs, backend, scheduler, shard_size, strict,
+def prep_pose(images, labels, labels_format, out, detector, jobs, backend, scheduler, worker_wait, shard_size, strict,
               max_retire, crop_bbox, max_side, jpeg_quality, splits, progress) -> None:
     """Detect poses in a catalog and write images, heatmaps, keypoints and labels into HDF5 shards.
 
@@ -184,7 +187,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
                           labels_format=labels_format, detector=detector, jobs=jobs,
                           backend=backend, scheduler=scheduler, shard_size=shard_size, strict=strict,
                           crop_bbox=crop_bbox, max_side=max_side, jpeg_quality=jpeg_quality, splits=chosen,
-                          progress=progress, max_retire=max_retire)
+                          progress=progress, max_retire=max_retire, worker_wait=worker_wait)
     try:
         report = run(options)
     except lock.Busy as error:

@@ -10,7 +10,7 @@ One run, holding the output folder's lock (`lock.py`):
    listed, or whose file cannot be stat'ed, is kept as it is (counted `unreadable`). A run that finds
    no image at all, or that would retire more live items than `--max-retire` allows, stops here and
    changes nothing (status `refused`, exit 1): an unmounted share must not wipe the collection;
-3. decode + detect + render + re-encode in workers (joblib: loky processes or a Dask cluster);
+3. decode + detect + render + re-encode in workers (joblib's loky processes, or a Dask cluster: `cluster.py`);
 4. the parent alone writes shards: every `shard_size` items it writes one shard atomically and
    commits it to the index in one transaction (`shard_format.write_shard` then `commit_shard`).
 
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import heatmaps, leases, lock
+from .cluster import DEFAULT_WORKER_WAIT, ClusterError, map_on_cluster
 from .atomic import DiskFull, atomic_write_text, reporting_disk_full
 from .images import CatalogImage, catalog_images, printable_name
 from .labels import ItemLabels, Labels, read_labels, unlabelled
@@ -105,6 +106,7 @@ class PrepOptions:
     splits: tuple[str, ...] | None = None    # keep only images of these splits
     progress: bool | None = None             # None: a bar when stderr is a terminal
     max_retire: str = DEFAULT_MAX_RETIRE     # RetireLimit text: 10% or 500
+    worker_wait: float = DEFAULT_WORKER_WAIT  # dask: seconds without any worker before the run stops
 
     def settings(self) -> Settings:
         return Settings(detector=self.detector or _default_detector(Path(self.out)), max_side=self.max_side,
@@ -135,7 +137,7 @@ class Report:
     removed_leftovers: list[str] = field(default_factory=list)
     retired_kept: list[str] = field(default_factory=list)   # shard files out of the collection that readers hold
     found: int = 0                    # image files found under --images (after --splits)
-    stored: int = 0                   # items this run wrote into shards
+    stored: int = 0                   # items this run committed into shards (also when it failed later)
     unreadable: list[dict] = field(default_factory=list)  # {path, reason}: folders and files not seen
     would_retire: int = 0             # live items this run found gone (retired unless refused)
     labels_match: dict = field(default_factory=dict)   # with --labels: labels.Matching.summary
@@ -290,15 +292,14 @@ def classify(entries: list[Entry], records: dict[str, FileRecord], fingerprint: 
 class ShardWriter:
     """Collects items; every `shard_size` of them becomes one shard, written then committed."""
 
-    def __init__(self, folder: Path, connection, metadata: ShardMetadata, shard_size: int):
+    def __init__(self, folder: Path, connection, metadata: ShardMetadata, shard_size: int, report: Report):
         self.folder, self.connection, self.metadata, self.shard_size = folder, connection, metadata, shard_size
+        self.report = report
         self.items: list[ShardItem] = []
         self.records: list[FileRecord] = []
         self.rejected: list[FileRecord] = []
-        self.written = 0
 
     def add(self, item: ShardItem, record: FileRecord) -> None:
-        self.written += 1
         self.items.append(item)
         self.records.append(record)
         if len(self.items) >= self.shard_size:
@@ -312,6 +313,7 @@ class ShardWriter:
             number = next_shard_number(self.folder, self.connection)
             write_shard(self.folder / shard_name(number), self.items, self.metadata)
             commit_shard(self.connection, number, self.records)
+            self.report.stored += len(self.records)
             self.items, self.records = [], []
         if self.rejected:
             record_files(self.connection, self.rejected)
@@ -357,6 +359,7 @@ def run(options: PrepOptions) -> Report:
                 _run_locked(options, settings, out, labels, report)
         except BaseException as error:
             report.status, report.error = "failed", f"{type(error).__name__}: {error}"
+            _collection_totals(report, out)
             try:
                 _finish(report, started, EXIT_FAILED)
             except DiskFull:
@@ -366,6 +369,17 @@ def run(options: PrepOptions) -> Report:
             report.error = failure(report, options.strict)
         _finish(report, started, EXIT_FAILED if report.error else EXIT_OK)
         return report
+
+
+def _collection_totals(report: Report, out: Path) -> None:
+    """items_total and rejected_total of a failed run: what the index holds now (best effort: the index
+    itself may be what failed)."""
+    try:
+        with open_index(out, readonly=True) as connection:
+            report.items_total = count_live(connection)
+            report.rejected_total = len(rejected_files(connection))
+    except Exception:  # noqa: BLE001 - the report says what is known; the run's own error is raised
+        pass
 
 
 def _finish(report: Report, started: float, code: int) -> None:
@@ -405,10 +419,9 @@ def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Lab
                             "color": "RGB", "exif_applied": True, "cropped_to_bbox": options.crop_bbox})
         extra = {"labels_source": labels.source, "labels_format": labels.format}
         write_collection_metadata(connection, metadata, extra)
-        writer = ShardWriter(out, connection, metadata, options.shard_size)
+        writer = ShardWriter(out, connection, metadata, options.shard_size, report)
         _apply(todo, labels, settings, options, writer, report, out)
         writer.flush()
-        report.stored = writer.written
         write_collection_metadata(connection, metadata, extra)   # the detector version is known now
         remove_orphans(out, connection)
         report.retired_kept = [p.name for p in leases.retired_files(out)]
@@ -523,7 +536,18 @@ def _apply(todo: list[Entry], labels: Labels, settings: Settings, options: PrepO
     tasks = [Task(str(g[0].path), g[0].relative, bbox=g[0].labels.bbox if options.crop_bbox else None,
                   joint_group=labels.joint_group(g[0].labels)) for g in groups.values()]
     by_first = {g[0].relative: g for g in groups.values()}
-    for result in _progress(_map(tasks, settings, options), len(tasks), options.progress):
+    try:
+        _store_results(_progress(_map(tasks, settings, options), len(tasks), options.progress), by_first, labels,
+                       settings, writer, report)
+    except ClusterError as error:
+        writer.flush()    # what arrived before the cluster failed is complete: committed, not done again
+        raise PrepError(f"{error}: stopped; {report.stored} items of this run are committed and the next run "
+                        "does only the rest") from None
+
+
+def _store_results(results: Iterable[Processed], by_first: dict[str, list[Entry]], labels: Labels,
+                   settings: Settings, writer: ShardWriter, report: Report) -> None:
+    for result in results:
         group = by_first[result.relative]
         report.processed += 1
         if result.rejected:
@@ -583,7 +607,7 @@ def _map(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterato
     if not tasks:
         return
     if options.backend == "dask":
-        yield from _map_dask(tasks, settings, options)
+        yield from map_on_cluster(tasks, settings, options.scheduler, options.jobs, options.worker_wait)
     elif options.jobs == 1:
         yield from (process(task, settings) for task in tasks)
     else:
@@ -593,20 +617,6 @@ def _map(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterato
 
         parallel = loky_parallel(options.jobs, return_as="generator_unordered", batch_size=4,
                                  pre_dispatch="8*n_jobs")   # workers end with this process, even on kill -9
-        yield from parallel(delayed(process)(task, settings) for task in tasks)
-
-
-def _map_dask(tasks: list[Task], settings: Settings, options: PrepOptions) -> Iterator[Processed]:
-    from distributed import Client
-    from joblib import Parallel, delayed, parallel_config
-
-    try:
-        client = Client(options.scheduler, timeout=30)
-    except (OSError, ValueError) as error:    # unreachable, or not an address
-        raise PrepError(f"--scheduler {options.scheduler}: no Dask scheduler there ({error})") from None
-    with client, parallel_config(backend="dask"):
-        parallel = Parallel(n_jobs=options.jobs if options.jobs > 1 else -1, return_as="generator_unordered",
-                            batch_size=4)
         yield from parallel(delayed(process)(task, settings) for task in tasks)
 
 
