@@ -310,11 +310,13 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+CODE_UNDER_TEST = ("pose_prep/shard_format.py", "vsam_train/data.py", "benchmarks/fault_shards.py")
+
+
 def code_state() -> dict:
     git = lambda *args: subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted_changes": bool(git("status", "--porcelain", "--", "pose_prep", "vsam_train",
-                                            "benchmarks/fault_shards.py"))}
+    return {"commit": git("rev-parse", "HEAD"), "code_under_test": CODE_UNDER_TEST,
+            "uncommitted_changes": bool(git("status", "--porcelain", "--", *CODE_UNDER_TEST))}
 
 
 def main() -> None:
