@@ -241,3 +241,18 @@ def test_a_category_outside_the_vocabulary_stops_vsam_train_with_one_line_naming
     assert result.output.splitlines()[-1] == (f"vsam train: {damaged}: row 5: category 3 is outside the vocabulary's "
                                               "0 categories (only -1, unknown)")
     assert "Traceback" not in result.output and "IndexError" not in result.output
+
+
+@pytest.mark.parametrize("key, value", [("heatmap", '{"size": [56, 5'), ("heatmap", "[1, 2]"),
+                                        ("vocabulary", '{"categories": 3}')])
+def test_meta_values_a_faulty_writer_stored_are_named_not_a_traceback(df_shards, tmp_path, key, value):
+    import shutil
+
+    from pose_prep.shard_format import ShardFormatError, index_path, open_index, set_meta
+
+    shards = tmp_path / "shards"
+    shutil.copytree(df_shards, shards)
+    with open_index(shards) as connection, connection:
+        set_meta(connection, key, value)                 # with a matching checksum: no flipped byte
+    with pytest.raises(ShardFormatError, match=f"^{index_path(shards)}: "):
+        _stream(shards)

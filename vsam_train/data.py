@@ -41,7 +41,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.ops import roi_align
 
 from pose_prep.heatmaps import DEFAULT_GROUP, DEFAULT_SIGMA, DEFAULT_SIZE, from_uint8, render, to_uint8
-from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, snapshot
+from pose_prep.shard_format import Shard, ShardFormatError, Vocabulary, collection_metadata, index_path, snapshot
 
 from .groups import render_group_heatmaps, resolve_joints
 
@@ -199,8 +199,16 @@ def read_collection(folder: str | Path, meta: dict[str, str] | None = None) -> C
     meta = collection_metadata(folder) if meta is None else meta
     if "vocabulary" not in meta:
         raise ShardFormatError(f"{folder}: the index records no label vocabulary (was it written by vsam prep-pose?)")
-    return CollectionInfo(Vocabulary.from_json(meta["vocabulary"]), json.loads(meta.get("heatmap") or "{}"),
-                          json.loads(meta.get("image_encoding") or '{"format": "jpeg"}'))
+    index = index_path(folder)
+    parsed = {}
+    for key, default in (("heatmap", "{}"), ("image_encoding", '{"format": "jpeg"}')):
+        try:
+            parsed[key] = json.loads(meta.get(key) or default)
+        except ValueError:
+            parsed[key] = None
+        if not isinstance(parsed[key], dict):     # rows match their checksums: a faulty writer's value
+            raise ShardFormatError(f"{index}: meta {key} is not a JSON object: {meta[key][:80]!r}")
+    return CollectionInfo(Vocabulary.parse(meta["vocabulary"], index), parsed["heatmap"], parsed["image_encoding"])
 
 
 def heatmap_geometry(info: CollectionInfo) -> tuple[tuple[int, int], float]:
