@@ -9,7 +9,8 @@ script, imports included); whatever does not fit is skipped and the reason recor
 1. data: the train and val splits are decoded once into device memory (`vsam_train.fast`);
 2. loader images/s: the streaming loader with CPU workers decoding, the streaming loader handing JPEG
    bytes to the GPU (nvjpeg, `torchvision.io.decode_jpeg` on cuda), and the device-resident split
-   (gather + augment on the GPU); the resident split feeds all training here (see README);
+   (gather + augment on the GPU); the resident split feeds all training here (see docs/experiments.md,
+   "GPU experiment");
 3. training images/s of every model at every `--batch-sizes`, bf16 autocast + channels_last, eager:
    warm-up steps, then `--steps` timed steps between two `torch.cuda.synchronize`;
 4. training from scratch: every model of `--compare`, for every seed, the same epochs, data order,

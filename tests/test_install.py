@@ -1,4 +1,4 @@
-"""The installed environment: consistent requirements and exactly one cv2 (README, "One cv2")."""
+"""The installed environment: consistent requirements and exactly one cv2 (docs/install.md, "One cv2")."""
 import importlib.util
 import subprocess
 import sys

@@ -40,7 +40,7 @@ DEFAULTS: dict = {
         "dropout": 0.5,
         "attention": "single",     # single: the paper's one Ŝ | groups: one map per attribute group
         "attention_scale": 20.0,   # × the pooled attended features added to block4_pool
-        # attention: groups only (README "Attribute-group attention"). Joints that supervise each
+        # attention: groups only (docs/attention-groups.md). Joints that supervise each
         # group's map: a pose_prep.heatmaps.JOINT_GROUPS name, a list of COCO-18 joint names or
         # indices, or [] (no heatmap loss). Groups of the vocabulary not listed: the whole body.
         "group_joints": {
@@ -90,7 +90,7 @@ DEFAULTS: dict = {
         "eval_batch_size": None,   # default: train.batch_size
         "max_val_batches": None,
         # The attention target. null: the heatmap prep-pose stored. Set either to render it in the
-        # loader from the stored keypoints instead (README "Heatmap target"): heatmap_joints is the
+        # loader from the stored keypoints instead (docs/config.md, "Keys"): heatmap_joints is the
         # joint subset (a pose_prep.heatmaps.JOINT_GROUPS name or a list of COCO-18 joints) for
         # items whose category type has no subset of its own; heatmap_sigma the Gaussian's σ in
         # heatmap pixels.

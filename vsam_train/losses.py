@@ -6,7 +6,7 @@ baselines (no Ŝ) have none at all.
 Two heatmap terms (`kind`):
 
 * "l2" (the paper): pixelwise squared error between Ŝ and the pose heatmap S, averaged over the
-  pixels of each image and over the images that have a pose. The default: see README "Losses".
+  pixels of each image and over the images that have a pose. The default: see docs/train.md, "Losses".
 * "softmax_l2" (the authors' released code): Ŝ goes through a spatial softmax inside the loss,
   then the L2 norm of (softmax(Ŝ) − S) per image, summed over the batch; they used λ = 10.
 
@@ -14,7 +14,7 @@ The attribute-group model has one map per group: its heatmap term is the same ki
 group map against that group's heatmap, over the items whose group heatmap is lit
 ("group_has_pose"), summed over the groups that have such items in the batch (`group_reduction`
 "sum", the default: each map is weighted by λ as the single model's Ŝ is) or averaged ("mean":
-λ shared by all maps, which measurably starves them; README "Attribute-group attention"). A batch
+λ shared by all maps, which measurably starves them; docs/attention-groups.md). A batch
 without group heatmaps (e.g. `vsam eval`'s loader) scores the model's combined Ŝ against the
 stored heatmap instead, as for the single model.
 """

@@ -152,7 +152,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def pooling_mix(step: int, config: dict) -> float:
     """Groups model: the share of the group maps in attribute pooling at optimizer step `step`:
-    linear from 0 to 1 over model.group_warmup_steps (README "Attribute-group attention")."""
+    linear from 0 to 1 over model.group_warmup_steps (docs/attention-groups.md, "Stability")."""
     warmup = config["model"].get("group_warmup_steps", 0)
     return min(1.0, step / warmup) if warmup else 1.0
 

@@ -5,8 +5,9 @@ BlazePose finds people through their face, so what it misses in a catalog is mos
 trousers, skirts and shorts worn by a model cut at the waist. YOLO finds those, but it also draws a
 torso-shaped skeleton on flat-lay and ghost-mannequin tops (shoulders at the seams, hips at the hem).
 The rule keeps a YOLO person only when its box is confident and both knees and both ankles are
-present. Measured on 600 DeepFashion images labelled by hand (benchmarks/person_labels.csv,
-benchmarks/cascade_rates.py): README, "Choosing the default detector".
+present. Measured on 900 DeepFashion images labelled by hand (benchmarks/person_labels.csv,
+benchmarks/cascade_rates.py): docs/pose.md, "The fallback rule of `auto`, and its person/garment rates"
+and "The default detector: `auto`".
 """
 from __future__ import annotations
 

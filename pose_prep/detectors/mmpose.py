@@ -2,7 +2,7 @@
 
 mmcv has no wheel for this Python and the inferencer downloads its checkpoints on first use, so
 only `persons_from_mmpose` (the mapping of its predictions to COCO-18) is tested here; the
-inferencer call itself is not (README, "Detectors").
+inferencer call itself is not (docs/pose.md, "Detectors").
 """
 from __future__ import annotations
 

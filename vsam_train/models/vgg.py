@@ -19,7 +19,7 @@ HEAD_CHANNELS = 1024
 ATTENTION_SCALE = 20.0   # the released graph multiplies the pooled attended features by 20
 GROUP_CHANNELS = 64      # per-group 1×1 projection of the combined features (× width)
 # A group map starts flat at this value: about the mean of a group heatmap, so the heatmap loss
-# begins small instead of dragging a 0.5 map down hard (see README "Attribute-group attention").
+# begins small instead of dragging a 0.5 map down hard (see docs/attention-groups.md, "Stability").
 GROUP_PRIOR = 0.05
 
 
