@@ -42,11 +42,13 @@ class Auto:
             self.yolo = Yolo()
         fallback = f"+{self.yolo.version}" if self.yolo else "+no-fallback"
         self.version = f"auto:{self.blazepose.version}{fallback}"
+        self.fallback_calls = 0     # photos YOLO ran on (benchmarks/bench_pose.py reports the share)
 
     def detect(self, rgb: np.ndarray, relative_path: str | None = None) -> list[np.ndarray]:
         persons = self.blazepose.detect(rgb, relative_path)
         if persons or self.yolo is None:
             return persons
+        self.fallback_calls += 1
         return [person for person, box_score in self.yolo.detect_scored(rgb)
                 if looks_like_person(person, box_score)]
 
