@@ -477,6 +477,60 @@ def explain_command(checkpoint, baseline, images, out, attributes, top, limit, p
         sys.exit(EXIT_FAILED)
 
 
+@main.command("audit")
+@_CHECKPOINT
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard folder written by `vsam prep-pose` (the same vocabulary as the checkpoint's).")
+@click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test", "none"]),
+              help="The split whose labels are audited.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="New or empty folder (or a previous audit's): audit.csv, index.html, images/, summary.json.")
+@click.option("--calibration", default="platt", show_default=True, type=click.Choice(["platt", "isotonic", "raw"]),
+              help="How each attribute's scores become probabilities (cross-fitted); raw: the model's own.")
+@click.option("--top", default=50, show_default=True, type=click.IntRange(0),
+              help="Rows of audit.csv: each attribute's N most suspect labels (0: every label).")
+@click.option("--gallery", default=6, show_default=True, type=click.IntRange(0),
+              help="Rows of index.html: each attribute's N most suspect labels, with photo and overlays.")
+@click.option("--batch-size", type=click.IntRange(1), help="Default: the checkpoint's eval/train batch size.")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader worker processes.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+@_DEVICE
+def audit_command(checkpoint, shards, split, out, calibration, top, gallery, batch_size, workers, progress,
+                  device) -> None:
+    """Find the labels of a split that the model disagrees with: missing (false or unknown, scored
+    high), wrong (true, scored low) and, for mutually exclusive groups, swaps; ranked by a
+    calibrated probability that the label is wrong, per attribute and overall. Writes OUT/audit.csv,
+    OUT/index.html (photos, Ŝ and Grad-CAM of each attribute's top suspects) and OUT/summary.json.
+
+    Exit codes: 0 done, 1 the checkpoint or shards cannot be used (unreadable, other vocabulary,
+    empty split), 2 bad options (an --out that holds other files)."""
+    from vsam_train.audit import AuditError, run
+    from vsam_train.evaluate import EvalError
+
+    try:
+        summary = run(checkpoint, shards, out, split=split, calibration=calibration, top=top, gallery=gallery,
+                      batch_size=batch_size, device=device, workers=workers,
+                      progress=sys.stderr.isatty() if progress is None else progress)
+    except AuditError as error:
+        raise click.UsageError(str(error)) from None
+    except (EvalError, *_inference_errors()) as error:
+        click.echo(f"vsam audit: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    kinds = ", ".join(f"{n} {kind}" for kind, n in summary["by_kind"].items())
+    click.echo(f"vsam audit: {summary['n_items']} items, {summary['n_judged']} labels judged ({kinds}); "
+               f"{summary['csv_rows']} rows in {out}/audit.csv; open {out}/index.html")
+    for row in summary["overall_top"][:10]:
+        suggested = f" -> {row['suggested']}" if row["suggested"] else ""
+        click.echo(f"{row['rank']:>6}  {row['score']:.3f}  {row['kind']:<7}  {row['attribute']}={row['label']}"
+                   f"{suggested}  {_printable(row['path'])}")
+
+
+def _printable(name: str) -> str:
+    from pose_prep.images import printable_name
+
+    return printable_name(name)
+
+
 @main.command("export")
 @_CHECKPOINT
 @click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]))

@@ -45,6 +45,8 @@ from .data import preprocess
 PANEL_SIZE = 224           # longer side of the pictures written, in pixels
 OVERLAY_ALPHA = 0.5
 COLORMAP = "jet"
+MAPS = ("attention", "cam", "gradcam", "saliency")   # the panels explain_model can draw
+PNG_COMPRESSION = 1        # zlib level: 4x faster to write than PIL's default 6, files 14 % larger (photos)
 
 
 class ExplainError(ValueError):
@@ -162,24 +164,27 @@ def overlay(image: Image.Image, heat: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(blended * 255 + 0.5, 0, 255).astype(np.uint8))
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A file-name part made of A-Z a-z 0-9 . _ - only (anything else as _), at most 60 characters."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._")[:60] or "x"
 
 
 # --- one image ---------------------------------------------------------------------------------
 
 def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: list[int] | None, top: int,
-                  folder: Path, out: Path, key: str, label: str, device: torch.device) -> Explanation:
+                  folder: Path, out: Path, key: str, label: str, device: torch.device,
+                  maps: tuple[str, ...] = MAPS) -> Explanation:
     """Write `key`-*.png for one model and image into `folder`; return its gallery column.
-    `attributes` None: the model's own `top` best-scoring ones."""
+    `attributes` None: the model's own `top` best-scoring ones. `maps`: which of MAPS to draw
+    (Ŝ and the group maps are "attention"; the model must have them)."""
     vocabulary = info["vocabulary"]
     images = preprocess(rgb, info["image_size"])[None].to(device)
     picture = display_image(rgb)
     explanation = Explanation(label)
 
     def add(title: str, kind: str, heat: np.ndarray, caption: str = "") -> None:
-        path = folder / f"{key}-{_safe(kind)}.png"
-        overlay(picture, heat).save(path)
+        path = folder / f"{key}-{safe_name(kind)}.png"
+        overlay(picture, heat).save(path, compress_level=PNG_COMPRESSION)
         explanation.panels.append(Panel(title, path.relative_to(out).as_posix(), caption))
 
     with torch.no_grad():
@@ -188,20 +193,24 @@ def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: lis
     if attributes is None and outputs["attributes"] is not None:
         attributes = torch.argsort(outputs["attributes"][0].float(), descending=True, stable=True)[:top].tolist()
     explanation.attributes = attributes or []
-    if outputs["attention"] is not None:
+    if "attention" in maps and outputs["attention"] is not None:
         attention = outputs["attention"][0, 0].float().cpu().numpy()
         add("Ŝ (pose attention)", "attention", attention, f"max {attention.max():.2f}")
-    if outputs.get("group_attention") is not None:
+    if "attention" in maps and outputs.get("group_attention") is not None:
         for name, heat in zip(model.group_names, outputs["group_attention"][0].float().cpu().numpy()):
             add(f"Ŝ {name}", f"attention-group-{name}", heat, f"max {heat.max():.2f}")
-    title, raw = cam(model, outputs, vocabulary)
-    add("CAM", "cam", scaled_to_max(raw), title)
+    if "cam" in maps:
+        title, raw = cam(model, outputs, vocabulary)
+        add("CAM", "cam", scaled_to_max(raw), title)
     if outputs["attributes"] is not None:
         scores = torch.sigmoid(outputs["attributes"][0].float())
         for a in explanation.attributes:
-            caption = f"{vocabulary.attributes[a]} ({float(scores[a]):.2f})"
-            add("Grad-CAM", f"gradcam-{vocabulary.attributes[a]}", scaled_to_max(grad_cam(model, images, a)), caption)
-            add("saliency", f"saliency-{vocabulary.attributes[a]}", scaled_to_max(saliency(model, images, a)), caption)
+            name = vocabulary.attributes[a]
+            caption = f"{name} ({float(scores[a]):.2f})"
+            if "gradcam" in maps:
+                add("Grad-CAM", f"gradcam-{name}", scaled_to_max(grad_cam(model, images, a)), caption)
+            if "saliency" in maps:
+                add("saliency", f"saliency-{name}", scaled_to_max(saliency(model, images, a)), caption)
     return explanation
 
 
@@ -258,9 +267,9 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
             summary.failures.append((relative, error.reason))
             tqdm.write(f"failed: {relative}: {error.reason}", file=errors or sys.stderr)
             continue
-        folder = out / "images" / f"{number:05d}-{_safe(image.path.stem)}"
+        folder = out / "images" / f"{number:05d}-{safe_name(image.path.stem)}"
         folder.mkdir(parents=True, exist_ok=True)
-        display_image(decoded.rgb).save(folder / "input.png")
+        display_image(decoded.rgb).save(folder / "input.png", compress_level=PNG_COMPRESSION)
         chosen = named
         columns = []
         for key, model, info in models:   # the baseline explains what the main model chose
@@ -275,14 +284,13 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
 def write_gallery(path: Path, rows: list, summary: ExplainSummary, labels: dict[str, str]) -> None:
     """index.html: one table row per image, the models' panels side by side; relative links only."""
     e = html.escape
-    parts = [_HTML_HEAD, f"<h1>vsam explain</h1><p>{e(summary.line())}. Columns: "
+    parts = [html_head("vsam explain"), f"<h1>vsam explain</h1><p>{e(summary.line())}. Columns: "
              + " | ".join(e(label) for label in labels.values()) + "</p>\n<table>\n"]
     for relative, input_file, columns in rows:
-        cells = [f'<td class="input"><figure><img src="{_link(input_file)}" alt="{e(relative)}">'
+        cells = [f'<td class="input"><figure><img src="{link(input_file)}" alt="{e(relative)}">'
                  f"<figcaption>{e(relative)}</figcaption></figure></td>"]
         for column in columns:
-            figures = "".join(f'<figure><img src="{_link(p.file)}" alt="{e(p.title)}"><figcaption><b>{e(p.title)}'
-                              f"</b><br>{e(p.caption)}</figcaption></figure>" for p in column.panels)
+            figures = "".join(figure_html(panel) for panel in column.panels)
             cells.append(f'<td class="model"><div class="label">{e(column.label)}: {e(column.summary)}</div>'
                          f"{figures}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>\n")
@@ -294,14 +302,26 @@ def write_gallery(path: Path, rows: list, summary: ExplainSummary, labels: dict[
     path.write_text("".join(parts), encoding="utf-8")
 
 
-def _link(relative_file: str) -> str:
+def link(relative_file: str) -> str:
     """A relative file path as an attribute value: URL-quoted (a '#', '%' or '?' in it would
     otherwise end or change the path), then HTML-escaped."""
     return html.escape(quote(relative_file))
 
 
+def figure_html(panel: Panel) -> str:
+    """One captioned picture of a gallery: the panel's title in bold over its caption, both escaped."""
+    e = html.escape
+    return (f'<figure><img src="{link(panel.file)}" alt="{e(panel.title)}"><figcaption><b>{e(panel.title)}'
+            f"</b><br>{e(panel.caption)}</figcaption></figure>")
+
+
+def html_head(title: str, style: str = "") -> str:
+    """The start of a gallery page (doctype, UTF-8, the galleries' style sheet plus `style`) up to <body>."""
+    return _HTML_HEAD.replace("TITLE", html.escape(title)).replace("</style>", style + "</style>")
+
+
 _HTML_HEAD = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>vsam explain</title>
+<html><head><meta charset="utf-8"><title>TITLE</title>
 <style>
 body { font-family: sans-serif; margin: 1em; }
 table { border-collapse: collapse; }

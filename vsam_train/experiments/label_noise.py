@@ -35,11 +35,13 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from pose_prep.shard_format import (Shard, ShardMetadata, collection_metadata, commit_shard, file_records,
-                                    live_rows, open_index, record_files, set_meta, shard_name, write_shard)
+from pose_prep.shard_format import (Shard, ShardItem, ShardMetadata, collection_metadata, commit_shard,
+                                    file_records, live_rows, open_index, record_files, set_meta, shard_name,
+                                    write_shard)
 
 from ..config import load_config
 from ..data import read_collection
@@ -77,10 +79,10 @@ def choose_dropped(paths: list[str], labels: np.ndarray, attribute: int, fractio
     return sorted(positives[i] for i in chosen)
 
 
-def copy_with_dropped_labels(source: str | Path, target: str | Path, attribute: int, dropped: set[str],
-                             split: str = "train") -> int:
-    """Copy the live items of the collection `source` into the new collection `target`, setting
-    label `attribute` of the `split` items in `dropped` to 0. Returns how many labels changed."""
+def copy_collection(source: str | Path, target: str | Path, edit: Callable[[ShardItem], bool]) -> int:
+    """Copy the live items of the collection `source` into the new collection `target` with
+    shard_format's writers, passing each item through `edit` first, which may change its labels or
+    its path in place and returns whether it did. Returns how many items it changed."""
     source, target = Path(source), Path(target)
     target.mkdir(parents=True)
     changed = 0
@@ -98,15 +100,28 @@ def copy_with_dropped_labels(source: str | Path, target: str | Path, attribute: 
                 metadata = ShardMetadata(shard.vocabulary, shard.heatmap_params, attrs["detector"],
                                          attrs["detector_version"], json.loads(attrs["image_encoding"]))
                 items = [shard.item(int(row)) for row in rows]
+            sources = [item.path for item in items]
             for item in items:
-                if item.split == split and item.path in dropped and item.attributes[attribute] == 1:
-                    item.attributes = np.array(item.attributes, np.int8)
-                    item.attributes[attribute] = 0
-                    changed += 1
+                item.attributes = np.array(item.attributes, np.int8)
+                changed += bool(edit(item))
             write_shard(target / shard_name(number), items, metadata)
-            commit_shard(connection, number, [replace(records[item.path]) for item in items])
+            commit_shard(connection, number, [replace(records[path], path=item.path)
+                                              for path, item in zip(sources, items)])
         record_files(connection, [r for r in records.values() if r.shard_id is None])   # rejected files
     return changed
+
+
+def copy_with_dropped_labels(source: str | Path, target: str | Path, attribute: int, dropped: set[str],
+                             split: str = "train") -> int:
+    """Copy the collection `source` into the new collection `target`, setting label `attribute` of
+    the `split` items in `dropped` to 0. Returns how many labels changed."""
+    def drop(item: ShardItem) -> bool:
+        if item.split == split and item.path in dropped and item.attributes[attribute] == 1:
+            item.attributes[attribute] = 0
+            return True
+        return False
+
+    return copy_collection(source, target, drop)
 
 
 def run(shards: str | Path, attribute: str, drop: float, out: str | Path, *, category: str | None = None,
