@@ -617,6 +617,67 @@ def label_noise(shards, attribute, drop, category, config_file, out, seed, eval_
     click.echo(f"figures: {out}/label_noise_dropped.png {out}/label_noise.png  numbers: {out}/label_noise.json")
 
 
+@experiment.command("audit")
+@click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Shard folder written by `vsam prep-pose` (with a train and a val split).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="New folder (or this experiment's, to continue it): shards/, runs/, audit/, audit_experiment.json.")
+@click.option("--drop-attribute", required=True, help="The attribute whose training positives lose their label.")
+@click.option("--drop", default=0.10, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of its positive training labels set to 0.")
+@click.option("--swap-group", help="An exclusive attribute group (e.g. texture) in which labels are swapped.")
+@click.option("--swap", default=0.05, show_default=True, type=click.FloatRange(0, 1),
+              help="Fraction of the group's singly labelled training items moved to another of its attributes.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="YAML recipe for every model (e.g. configs/small.yaml; default: the paper's).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seeds the injected errors and train.seed.")
+@click.option("--models", default="vsam,vgg16", show_default=True,
+              help="Comma-separated models (vsam, vgg16, vsam-groups, resnet50).")
+@click.option("--parallel", default=2, show_default=True, type=click.IntRange(1), help="Training runs side by side.")
+@click.option("--n", "ns", default="25,50,100,200,400", show_default=True, help="The N of precision@N and recall@N.")
+@click.option("--gallery", default=6, show_default=True, type=click.IntRange(0),
+              help="Rows per attribute in each model's audit gallery (OUT/audit/<model>/index.html).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", callback=_config_assignments,
+              help="Any config value for every model, e.g. --set train.epochs=2 (repeatable).")
+@_DEVICE
+def audit_experiment(shards, out, drop_attribute, drop, swap_group, swap, config_file, seed, models, parallel, ns,
+                     gallery, assignments, device) -> None:
+    """Inject known label errors into a copy of the training split (dropped positives of one
+    attribute, swaps within one exclusive group), train each model on it, audit it with `vsam audit`
+    and report precision@N and recall@N of the injected errors for the audit's ranking (Platt,
+    isotonic) and two baselines (the raw model scores, a random order). Writes
+    OUT/audit_experiment.json and OUT/audit_experiment.md; a rerun continues a killed experiment.
+
+    Exit codes: 0 done, 1 the experiment failed (a training run, the data), 2 bad options or config."""
+    from vsam_train.checkpoint import inference_device
+    from vsam_train.config import MODEL_VARIANTS, ConfigError
+    from vsam_train.experiments.injected_errors import format_table, run
+    from vsam_train.experiments.label_noise import ExperimentError
+
+    names = tuple(name.strip() for name in models.split(",") if name.strip())
+    if not names or not set(names) <= set(MODEL_VARIANTS):
+        raise click.BadParameter(f"{models!r}: choose among {', '.join(MODEL_VARIANTS)}", param_hint="--models")
+    try:
+        counts = tuple(sorted({int(n) for n in ns.split(",") if n.strip()}))
+    except ValueError:
+        counts = ()
+    if not counts or counts[0] < 1:
+        raise click.BadParameter(f"{ns!r}: comma-separated positive whole numbers", param_hint="--n")
+    try:
+        report = run(shards, out, drop_attribute=drop_attribute, drop=drop, swap_group=swap_group, swap=swap,
+                     config_file=config_file, overrides=assignments, seed=seed, models=names, parallel=parallel,
+                     device=inference_device(device).type, ns=counts, gallery=gallery, command=sys.argv,
+                     log=lambda message: click.echo(f"vsam experiment audit: {message}", err=True))
+    except ConfigError as error:
+        click.echo(f"vsam experiment audit: {error}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (ExperimentError, *_inference_errors()) as error:
+        click.echo(f"vsam experiment audit: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(format_table(report))
+    click.echo(f"numbers: {out}/audit_experiment.json  audits: {out}/audit/<model>/index.html")
+
+
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
