@@ -41,6 +41,10 @@ demo: setup
 	$(BIN)/vsam explain --checkpoint $(DEMO)/run/checkpoints/last.pt --baseline $(DEMO)/baseline/checkpoints/last.pt \
 		--images $(DEMO)/images --out $(DEMO)/explain --device cpu
 	@echo "demo: $(DEMO)/predictions.jsonl has one JSON line per photo; open $(DEMO)/explain/index.html in a browser"
+# audit: the labels of the shards that the tiny VSAM disagrees with (a rerun replaces the previous audit).
+	$(BIN)/vsam audit --checkpoint $(DEMO)/run/checkpoints/last.pt --shards $(DEMO)/shards --out $(DEMO)/audit \
+		--device cpu
+	@echo "demo: $(DEMO)/audit/audit.csv ranks the suspect labels; open $(DEMO)/audit/index.html for the gallery"
 
 # The default suite reads only tests/data and what the tests create (setup.cfg deselects `realdata`).
 test: setup
