@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from vsam_train.model_registry import architectures, attentions   # the model names; torch-free
+
 # Exit codes, shared by every command.
 EXIT_OK = 0
 EXIT_FAILED = 1          # the job could not do what was asked (nothing processed, --strict, ...)
@@ -283,8 +285,8 @@ def _config_assignments(ctx, param, assignments) -> dict:
               help="Run folder: config.yaml, checkpoints/, metrics.jsonl, steps.jsonl, tensorboard/.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML recipe (default: the paper's from scratch; configs/paper.yaml adds ImageNet weights).")
-@click.option("--model", type=click.Choice(["vsam", "vgg16", "resnet50"]), help="model.name")
-@click.option("--attention", type=click.Choice(["single", "groups"]),
+@click.option("--model", type=click.Choice(architectures()), help="model.name")
+@click.option("--attention", type=click.Choice(attentions()),
               help="model.attention (vsam): the paper's one Ŝ, or one map per attribute group.")
 @click.option("--epochs", type=click.IntRange(1), help="train.epochs")
 @click.option("--batch-size", type=click.IntRange(1), help="train.batch_size (per process)")
@@ -590,8 +592,8 @@ def label_noise(shards, attribute, drop, category, config_file, out, seed, eval_
     from vsam_train.models import PretrainedWeightsError
 
     names = tuple(name.strip() for name in models.split(",") if name.strip())
-    if not names or not set(names) <= {"vsam", "vgg16", "resnet50"}:
-        raise click.BadParameter(f"{models!r}: choose among vsam, vgg16, resnet50", param_hint="--models")
+    if not names or not set(names) <= set(architectures()):    # run() sets model.name to each
+        raise click.BadParameter(f"{models!r}: choose among {', '.join(architectures())}", param_hint="--models")
     out = out or f"label-noise-{attribute}"
     try:
         report = run(shards, attribute, drop, out, category=category, config_file=config_file, overrides=assignments,

@@ -30,6 +30,8 @@ import yaml
 
 from pose_prep.atomic import atomic_write_text
 
+from .model_registry import architectures, architectures_with, attentions, config_overrides, list_models
+
 DEFAULTS: dict = {
     "model": {
         "name": "vsam",            # vsam | vgg16 | resnet50
@@ -102,8 +104,8 @@ DEFAULTS: dict = {
 }
 
 CHOICES = {
-    ("model", "name"): ("vsam", "vgg16", "resnet50"),
-    ("model", "attention"): ("single", "groups"),
+    ("model", "name"): architectures(),      # vsam, vgg16, resnet50 (vsam_train/model_registry.py)
+    ("model", "attention"): attentions(),    # single, groups
     ("loss", "heatmap_loss", "kind"): ("l2", "softmax_l2"),
     ("loss", "group_heatmap_reduction"): ("sum", "mean"),
     ("data", "decode"): ("cpu", "gpu"),
@@ -194,13 +196,9 @@ _NULL_TEXTS = ("", "~", "null", "Null", "NULL")
 # Mappings whose keys are data (group names), not settings: a file or --set may add keys to them.
 OPEN_MAPPINGS = (("model", "group_joints"),)
 
-# Model names that `vsam experiment` / the GPU comparison accept beyond model.name, as overrides.
-MODEL_VARIANTS = {
-    "vsam": {"model.name": "vsam", "model.attention": "single"},
-    "vsam-groups": {"model.name": "vsam", "model.attention": "groups"},
-    "vgg16": {"model.name": "vgg16", "model.attention": "single"},
-    "resnet50": {"model.name": "resnet50", "model.attention": "single"},
-}
+# Model names that `vsam experiment` / the GPU comparison accept beyond model.name, as overrides:
+# every name of the model registry (vsam-groups = model.name vsam, model.attention groups).
+MODEL_VARIANTS = {name: config_overrides(name) for name in list_models()}
 
 
 class ConfigError(ValueError):
@@ -449,8 +447,9 @@ def validate(config: dict) -> None:
     keys together."""
     _typed_tree(config, ())
     model = config["model"]
-    if model["attention"] == "groups" and model["name"] != "vsam":
-        raise ConfigError(f"model.attention: groups applies to model.name vsam, not {model['name']!r} "
+    if model["name"] not in architectures_with(model["attention"]):
+        raise ConfigError(f"model.attention: {model['attention']} applies to model.name "
+                          f"{', '.join(architectures_with(model['attention']))}, not {model['name']!r} "
                           "(the baselines have no attention branch)")
 
 

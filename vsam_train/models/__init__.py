@@ -1,5 +1,9 @@
 """Model factory: `create_model(name, ...)` builds VSAM or one of the paper's baselines.
 
+The names come from one registry, `vsam_train/model_registry.py` (as timm's `_registry.py`):
+`list_models()`, `is_model(name)`; each architecture's builder below is registered with
+`@register_model`, and `create_model` looks the name up there.
+
 Every model maps images (B, 3, S, S), normalised as `vsam_train.data.preprocess` does, to a dict:
 
 * "category": (B, C) logits (softmax), or None when the data has no categories;
@@ -22,12 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..model_registry import (architectures_with, attentions, is_model, list_models, model_entrypoint,
+                              register_model, resolve)
 from .heads import Head, TwoHeads
 from .resnet import ResNet50
 from .vgg import VGG16, VSAM
 
-MODELS = ("vsam", "vgg16", "resnet50", "vsam-groups")   # vsam-groups = vsam with attention="groups"
-ATTENTIONS = ("single", "groups")
+ATTENTIONS = attentions()   # single, groups
 FROM_SCRATCH = ("none", "null", "")   # `--pretrained none` (YAML's null arrives as None)
 
 
@@ -52,30 +57,51 @@ def create_model(name: str, num_categories: int, num_attributes: int, *, width: 
     attribute group: `group_names` (G names) and `attribute_groups` (one index into them per
     attribute, -1 for none) are then required; `vsam_train.groups.group_plan` derives both from
     a vocabulary (`model_from_config` does it all from a run's config)."""
-    if name == "vsam-groups":
-        name, attention = "vsam", "groups"
+    if not is_model(name):
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+    name, fixed_attention = resolve(name)          # vsam-groups: vsam with attention groups
+    attention = fixed_attention or attention
     if attention not in ATTENTIONS:
         raise ValueError(f"unknown attention {attention!r}; choose one of {', '.join(ATTENTIONS)}")
-    if attention == "groups" and name != "vsam":
-        raise ValueError(f"attention groups applies to vsam, not {name!r}")
-    if name == "vsam":
-        grouped = attention == "groups"
-        if grouped and group_names is None:
-            raise ValueError("attention groups needs group_names and attribute_groups")
-        model = VSAM(num_categories, num_attributes, width=width, image_size=image_size, batch_norm=batch_norm,
-                     dropout=dropout, attention_scale=attention_scale,
-                     attribute_groups=attribute_groups if grouped else None,
-                     group_names=group_names if grouped else None, group_channels=group_channels)
-    elif name == "vgg16":
-        model = VGG16(num_categories, num_attributes, width=width, image_size=image_size, batch_norm=batch_norm,
-                      dropout=dropout)
-    elif name == "resnet50":
-        model = ResNet50(num_categories, num_attributes, width=width, image_size=image_size, dropout=dropout)
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if name not in architectures_with(attention):
+        raise ValueError(f"attention {attention} applies to {', '.join(architectures_with(attention))}, "
+                         f"not {name!r}")
+    model = model_entrypoint(name)(num_categories, num_attributes, width=width, image_size=image_size,
+                                   batch_norm=batch_norm, dropout=dropout, attention_scale=attention_scale,
+                                   attention=attention, attribute_groups=attribute_groups,
+                                   group_names=group_names, group_channels=group_channels)
     if pretrained is not None and str(pretrained).strip().lower() not in FROM_SCRATCH:
         load_pretrained_trunk(model, name, pretrained, batch_norm)
     return model
+
+
+# The builders, one per architecture of the registry. create_model passes every option; each takes
+# the ones its architecture has and ignores the others (`**_`), as create_model always did.
+
+@register_model
+def vsam(num_categories: int, num_attributes: int, *, width: float, image_size: int, batch_norm: bool,
+         dropout: float, attention_scale: float, attention: str, attribute_groups: list[int] | None,
+         group_names: list[str] | None, group_channels: int, **_) -> VSAM:
+    grouped = attention == "groups"
+    if grouped and group_names is None:
+        raise ValueError("attention groups needs group_names and attribute_groups")
+    return VSAM(num_categories, num_attributes, width=width, image_size=image_size, batch_norm=batch_norm,
+                dropout=dropout, attention_scale=attention_scale,
+                attribute_groups=attribute_groups if grouped else None,
+                group_names=group_names if grouped else None, group_channels=group_channels)
+
+
+@register_model
+def vgg16(num_categories: int, num_attributes: int, *, width: float, image_size: int, batch_norm: bool,
+          dropout: float, **_) -> VGG16:
+    return VGG16(num_categories, num_attributes, width=width, image_size=image_size, batch_norm=batch_norm,
+                 dropout=dropout)
+
+
+@register_model
+def resnet50(num_categories: int, num_attributes: int, *, width: float, image_size: int, dropout: float,
+             **_) -> ResNet50:
+    return ResNet50(num_categories, num_attributes, width=width, image_size=image_size, dropout=dropout)
 
 
 def model_from_config(config: dict, vocabulary, pretrained: str | None = None) -> TwoHeads:
@@ -173,5 +199,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ATTENTIONS", "MODELS", "Head", "PretrainedWeightsError", "ResNet50", "TwoHeads", "VGG16", "VSAM",
-           "count_parameters", "create_model", "imagenet_weights_file", "model_from_config"]
+__all__ = ["ATTENTIONS", "Head", "PretrainedWeightsError", "ResNet50", "TwoHeads", "VGG16", "VSAM", "count_parameters",
+           "create_model", "imagenet_weights_file", "is_model", "list_models", "model_from_config", "register_model"]
