@@ -54,6 +54,7 @@ from pose_prep.shard_format import collection_info  # noqa: E402
 from vsam_train.config import MODEL_VARIANTS, ConfigError, load_config, parse_assignments, set_key  # noqa: E402
 from vsam_train.data import ShardStream, decode_on_device, make_loader, split_group_heatmaps  # noqa: E402
 from vsam_train.evaluate import without_nan, write_json  # noqa: E402
+from vsam_train.experiments.compare import majority_metrics  # noqa: E402
 from vsam_train.fast import (AttentionRecorder, ResidentBatches, attention_agreement, heatmap_batch,  # noqa: E402
                              load_resident_split, synchronize)
 from vsam_train.losses import VsamLoss  # noqa: E402
@@ -374,25 +375,9 @@ def make_trainer(config: dict, name: str, vocabulary, device: torch.device, back
 # --- training ----------------------------------------------------------------------------------
 
 def majority_baseline(train, val) -> dict:
-    """The metrics of a scorer that gives every val item the train split's positive rate of each
-    attribute (so the majority attribute of every group ranks first) and, with categories, the
-    train split's most frequent category."""
-    labels = train.attributes.numpy()
-    known = labels >= 0
-    rates = (labels == 1).sum(0) / np.maximum(known.sum(0), 1)
-    scores = np.broadcast_to(rates, val.attributes.shape).copy()
-    category_logits = category_labels = None
-    if train.vocabulary.categories:
-        counts = np.bincount(train.category.numpy()[train.category.numpy() >= 0],
-                             minlength=len(train.vocabulary.categories))
-        category_logits = np.broadcast_to(np.log(counts + 1e-9), (len(val), len(counts))).copy()
-        category_labels = val.category.numpy()
-    metrics = compute_metrics(scores, val.attributes.numpy(), train.vocabulary, category_logits, category_labels)
-    groups = train.vocabulary.group_indices()
-    metrics["majority_attribute"] = {g: train.vocabulary.attributes[idx[int(np.argmax(rates[idx]))]]
-                                     for g, idx in groups.items()}
-    metrics["attribute_rates"] = rates.tolist()
-    return metrics
+    """`experiments.compare.majority_metrics` of the resident train and val splits."""
+    return majority_metrics(train.attributes.numpy(), val.attributes.numpy(), train.vocabulary,
+                            train.category.numpy(), val.category.numpy())
 
 
 def stays_at_majority(metrics: dict, baseline: dict, margin: float) -> tuple[bool, str]:

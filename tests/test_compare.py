@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.conftest import REPO_ROOT
@@ -57,6 +58,7 @@ def test_the_comparison_trains_evaluates_summarises_and_continues_where_it_stopp
     assert "attention_correlation" in data["models"]["vsam"] and "attention_correlation" not in data["models"]["vgg16"]
     assert data["differences"]["vsam - vgg16"]["group_top1"]["n"] == 2
     assert "| vsam - vgg16 | 2 |" in done.stdout
+    assert 0 < data["majority"]["group_top1"] < 1 and "| majority (train rates) | – | " in done.stdout
     evaluated = json.loads((out / "runs" / "vsam" / "seed-1" / "eval.json").read_text())
     assert evaluated["split"] == "val" and evaluated["model"] == "vsam" and evaluated["epoch"] == 1
 
@@ -73,3 +75,26 @@ def test_a_run_that_fails_is_named_with_its_log_and_the_comparison_exits_1(df_sh
     assert "FAILED (exit 1" in done.stdout and "broken seed 0" in done.stdout
     log = (tmp_path / "compare" / "runs" / "broken" / "seed-0" / "run.log").read_text()
     assert "fewer than one batch of 100000" in log and "Traceback" not in log
+
+
+def test_the_majority_baseline_ranks_each_groups_most_frequent_train_attribute_first(df_shards):
+    from pose_prep.shard_format import Shard, live_rows
+    from vsam_train.data import read_collection
+    from vsam_train.experiments.compare import collection_majority
+
+    majority = collection_majority(df_shards)
+    vocabulary = read_collection(df_shards).vocabulary
+
+    def labels(split):
+        parts = []
+        for path, rows in live_rows(df_shards, (split,)).items():
+            with Shard(path) as shard:
+                parts.append(shard.read(("attributes",))["attributes"][rows])
+        return np.concatenate(parts)
+
+    train, val = labels("train"), labels("val")
+    for group, idx in vocabulary.group_indices().items():
+        most = idx[int(np.argmax((train[:, idx] == 1).sum(0)))]
+        assert majority["majority_attribute"][group] == vocabulary.attributes[most]
+        known = (val[:, idx] >= 0).any(1)
+        assert majority["group_top1"][group] == pytest.approx((val[known, most] == 1).mean())

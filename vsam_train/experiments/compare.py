@@ -143,7 +143,8 @@ def compare(shards: str | Path, out: str | Path, variants: list[Variant], seeds:
     log(f"{total - len(jobs)} of {total} runs already evaluated; {len(jobs)} to do, {parallel} at a time")
     data = {"schema": SCHEMA, "command": command, "shards": str(shards), "config_file": config_file,
             "settings": settings or {}, "seeds": seeds, "parallel": parallel,
-            "variants": {v.name: {"model": v.model, "overrides": v.overrides} for v in variants}}
+            "variants": {v.name: {"model": v.model, "overrides": v.overrides} for v in variants},
+            "majority": _majority_figures(shards)}
     failed = []
 
     def finished(result) -> None:
@@ -170,6 +171,49 @@ def _serialized(log):
     return locked
 
 
+def majority_metrics(train_labels: np.ndarray, val_labels: np.ndarray, vocabulary,
+                     train_categories: np.ndarray | None = None, val_categories: np.ndarray | None = None) -> dict:
+    """`compute_metrics` of a scorer that gives every val item the train split's positive rate of
+    each attribute (so each group's most frequent attribute ranks first) and, with categories, the
+    train split's most frequent category: the figure a model must beat to have learned anything.
+    Adds "majority_attribute" (per group) and "attribute_rates"."""
+    from ..metrics import compute_metrics
+
+    known = train_labels >= 0
+    rates = (train_labels == 1).sum(0) / np.maximum(known.sum(0), 1)
+    scores = np.broadcast_to(rates, val_labels.shape).copy()
+    logits = None
+    if vocabulary.categories and train_categories is not None and val_categories is not None:
+        counts = np.bincount(train_categories[train_categories >= 0], minlength=len(vocabulary.categories))
+        logits = np.broadcast_to(np.log(counts + 1e-9), (len(val_labels), len(counts))).copy()
+    metrics = compute_metrics(scores, val_labels, vocabulary, logits, val_categories if logits is not None else None)
+    metrics["majority_attribute"] = {group: vocabulary.attributes[idx[int(np.argmax(rates[idx]))]]
+                                     for group, idx in vocabulary.group_indices().items()}
+    metrics["attribute_rates"] = rates.tolist()
+    return metrics
+
+
+def collection_majority(shards: str | Path, train_split: str = "train", val_split: str = "val") -> dict | None:
+    """`majority_metrics` of a shard collection's splits (None when either split is empty)."""
+    from pose_prep.shard_format import Shard, live_rows
+
+    from ..data import read_collection
+
+    def labels(split: str) -> tuple[np.ndarray, np.ndarray]:
+        attributes, categories = [], []
+        for path, rows in live_rows(shards, (split,)).items():
+            with Shard(path) as shard:
+                data = shard.read(("attributes", "category"))
+            attributes.append(data["attributes"][rows])
+            categories.append(data["category"][rows])
+        return (np.concatenate(attributes), np.concatenate(categories)) if attributes else (None, None)
+
+    (train, train_categories), (val, val_categories) = labels(train_split), labels(val_split)
+    if train is None or val is None:
+        return None
+    return majority_metrics(train, val, read_collection(shards).vocabulary, train_categories, val_categories)
+
+
 def _save(out: Path, data: dict, variants: list[Variant], seeds: list[int]) -> dict:
     from ..evaluate import write_json
 
@@ -178,6 +222,11 @@ def _save(out: Path, data: dict, variants: list[Variant], seeds: list[int]) -> d
     data["wall_minutes"] = {v.name: {str(s): _train_minutes(run_dir(out, v.name, s)) for s in seeds} for v in variants}
     write_json(data, out / JSON_NAME)
     return data
+
+
+def _majority_figures(shards) -> dict | None:
+    majority = collection_majority(shards)
+    return {**figures(majority), "majority_attribute": majority["majority_attribute"]} if majority else None
 
 
 def _read_eval(folder: Path) -> dict | None:
@@ -252,6 +301,9 @@ def format_summary(data: dict, reference: str | None = None) -> str:
     for name, values in models.items():
         n = max((v["n"] for v in values.values()), default=0)
         lines.append(f"| {name} | {n} | " + " | ".join(_cell(values.get(c)) for c in columns) + " |")
+    if data.get("majority"):
+        lines.append("| majority (train rates) | – | " + " | ".join(
+            f"{data['majority'][c]:.3f}" if c in data["majority"] else "–" for c in columns) + " |")
     if reference:
         lines += ["", f"| difference (paired by seed) | n | " + " | ".join(
             c.replace("group_top1/", "top-1 ") for c in columns) + " |", "|---|---|" + "---|" * len(columns)]
