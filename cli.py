@@ -150,6 +150,9 @@ def _echo_label_mismatches(match: dict) -> None:
               help="With dask: how long the run waits while the cluster has no worker (all left, or none started), "
                    "saying so on stderr, before it stops (exit 1; what it received is committed).")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Items per shard.")
+@click.option("--compact-below", default=50, show_default=True, type=click.IntRange(0, 100), metavar="PERCENT",
+              help="At the end, rewrite every shard with at most this share of live rows (0: never); see "
+                   "`vsam shards compact`.")
 @click.option("--strict", is_flag=True,
               help="Exit 1 while any file of the catalog is rejected, a folder or file could not be read, or (with "
                    "--labels) an image is unlabelled or a label row matches no image.")
@@ -162,8 +165,8 @@ def _echo_label_mismatches(match: dict) -> None:
 @click.option("--jpeg-quality", default=90, show_default=True, type=click.IntRange(1, 100))
 @click.option("--splits", help="Keep only images of these splits, e.g. train,val (others are left out).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def prep_pose(images, labels, labels_format, out, detector, jobs, backend, scheduler, worker_wait, shard_size, strict,
-              max_retire, crop_bbox, max_side, jpeg_quality, splits, progress) -> None:
+def prep_pose(images, labels, labels_format, out, detector, jobs, backend, scheduler, worker_wait, shard_size,
+              compact_below, strict, max_retire, crop_bbox, max_side, jpeg_quality, splits, progress) -> None:
     """Detect poses in a catalog and write images, heatmaps, keypoints and labels into HDF5 shards.
 
     Incremental (only new or changed images are processed, deleted ones retired) and crash-safe;
@@ -189,7 +192,8 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
                           labels_format=labels_format, detector=detector, jobs=jobs,
                           backend=backend, scheduler=scheduler, shard_size=shard_size, strict=strict,
                           crop_bbox=crop_bbox, max_side=max_side, jpeg_quality=jpeg_quality, splits=chosen,
-                          progress=progress, max_retire=max_retire, worker_wait=worker_wait)
+                          progress=progress, max_retire=max_retire, worker_wait=worker_wait,
+                          compact_below=compact_below / 100)
     try:
         report = run(options)
     except lock.Busy as error:
@@ -245,6 +249,39 @@ def shards_list(folder) -> None:
     except ShardFormatError as error:
         click.echo(f"vsam shards list: {error}", err=True)
         sys.exit(EXIT_FAILED)
+
+
+@shards.command("compact")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--below", default=50, show_default=True, type=click.IntRange(1, 100), metavar="PERCENT",
+              help="Rewrite every shard with at most this share of live rows.")
+@click.option("--shard-size", type=click.IntRange(1), help="Rows per new shard (default: as many as the largest shard holds).")
+def shards_compact(folder, below, shard_size) -> None:
+    """Rewrite the shards at most --below live, crash-safe (prep-pose does it at the end of each run).
+
+    Old shards are deleted once no running reader holds them (kept in FOLDER/retired/ until then).
+    Exit codes: 0 done, 1 the collection is damaged (nothing moved from a damaged shard), 75 a prep-pose
+    run holds the folder."""
+    from pose_prep import lock
+    from pose_prep.atomic import DiskFull
+    from pose_prep.compaction import compact
+    from pose_prep.shard_format import ShardFormatError, index_path, open_index
+
+    if not index_path(folder).exists():
+        click.echo(f"vsam shards compact: {index_path(folder)}: no shard index here (is {folder} a `vsam prep-pose` "
+                   "output folder?)", err=True)
+        sys.exit(EXIT_FAILED)
+    try:
+        with lock.exclusive(folder), open_index(folder) as connection:
+            done = compact(folder, connection, shard_size, below / 100)
+    except lock.Busy as error:
+        click.echo(f"vsam shards compact: {error}", err=True)
+        sys.exit(EXIT_BUSY)
+    except (ShardFormatError, DiskFull) as error:
+        click.echo(f"vsam shards compact: {error}", err=True)
+        sys.exit(EXIT_FAILED)
+    click.echo(f"compacted {len(done.shards)} shard(s) ({done.bytes_before} bytes) into {len(done.new_shards)} "
+               f"({done.bytes_after} bytes), {done.rows} live rows moved")
 
 
 @shards.command("verify")

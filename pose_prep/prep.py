@@ -39,8 +39,10 @@ from typing import Iterable, Iterator
 
 from . import heatmaps, leases, lock
 from .cluster import DEFAULT_WORKER_WAIT, ClusterError, map_on_cluster
+from .compaction import DEFAULT_THRESHOLD, compact
 from .atomic import DiskFull, atomic_write_text, reporting_disk_full
 from .images import CatalogImage, catalog_images, printable_name
+from .heatmaps import group_for_category_type
 from .labels import ItemLabels, Labels, read_labels, unlabelled
 from .prep_worker import Processed, Settings, Task, process, render_heatmap
 from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_shard, count_live, file_records,
@@ -107,6 +109,7 @@ class PrepOptions:
     progress: bool | None = None             # None: a bar when stderr is a terminal
     max_retire: str = DEFAULT_MAX_RETIRE     # RetireLimit text: 10% or 500
     worker_wait: float = DEFAULT_WORKER_WAIT  # dask: seconds without any worker before the run stops
+    compact_below: float = DEFAULT_THRESHOLD  # rewrite shards with a smaller live share at the end (0: never)
 
     def settings(self) -> Settings:
         return Settings(detector=self.detector or _default_detector(Path(self.out)), max_side=self.max_side,
@@ -136,6 +139,7 @@ class Report:
     items_total: int = 0              # live items after the run
     removed_leftovers: list[str] = field(default_factory=list)
     retired_kept: list[str] = field(default_factory=list)   # shard files out of the collection that readers hold
+    compaction: dict = field(default_factory=dict)   # compaction.Compaction: shards rewritten, rows moved, bytes
     found: int = 0                    # image files found under --images (after --splits)
     stored: int = 0                   # items this run committed into shards (also when it failed later)
     unreadable: list[dict] = field(default_factory=list)  # {path, reason}: folders and files not seen
@@ -156,6 +160,9 @@ class Report:
                 f"({self.images_per_s:.1f} images/s); {self.items_total} items live")
         text += f", {c['unreadable']} kept unreadable" if c["unreadable"] else ""
         text += f", {c['excluded']} outside --splits" if c["excluded"] else ""
+        if self.compaction.get("shards"):
+            text += (f", {len(self.compaction['shards'])} shard(s) compacted into "
+                     f"{len(self.compaction['new_shards'])}")
         text += f", {len(self.retired_kept)} retired shard(s) kept for running readers" if self.retired_kept else ""
         match = self.labels_match
         return text + (f"; labels: {match['matched']} images matched, {match['unlabelled']} unlabelled, "
@@ -423,6 +430,7 @@ def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Lab
         _apply(todo, labels, settings, options, writer, report, out)
         writer.flush()
         write_collection_metadata(connection, metadata, extra)   # the detector version is known now
+        report.compaction = asdict(compact(out, connection, options.shard_size, options.compact_below))
         remove_orphans(out, connection)
         report.retired_kept = [p.name for p in leases.retired_files(out)]
         report.items_total = count_live(connection)
@@ -578,26 +586,34 @@ def _count(entry: Entry, record: FileRecord, report: Report) -> None:
 def _copy_rows(entries: list[Entry], labels: Labels, settings: Settings, writer: ShardWriter, report: Report,
                out: Path) -> None:
     """Items whose pixels and keypoints are already stored: touched files keep their row (only the
-    index learns the new size and mtime); the others are copied with new labels and heatmap."""
-    shards: dict[int, Shard] = {}
-    touched = []
-    try:
-        for entry in entries:
-            source = entry.copy_from
-            if entry.kind == "unchanged":
-                touched.append(FileRecord(entry.relative, entry.size, entry.mtime_ns, source.sha256, source.status,
-                                          source.reason, source.shard_id, source.row, source.split, source.labels))
-                continue
-            shard = shards.setdefault(source.shard_id, Shard(out / shard_name(source.shard_id)))
-            stored = shard.item(source.row)
-            result = Processed(entry.relative, sha256=stored.sha256, image=stored.image, keypoints=stored.keypoints,
-                               width=stored.width, height=stored.height)
-            item, record = _item_and_record(entry, result, labels, settings)
-            _count(entry, record, report)
-            writer.add(item, record)
-    finally:
-        for shard in shards.values():
-            shard.close()
+    index learns the new size and mtime); the others are copied with new labels (and a heatmap
+    rendered again only when it would differ). One source shard at a time, read once."""
+    touched, by_shard = [], {}
+    for entry in entries:
+        source = entry.copy_from
+        if entry.kind == "unchanged":
+            touched.append(FileRecord(entry.relative, entry.size, entry.mtime_ns, source.sha256, source.status,
+                                      source.reason, source.shard_id, source.row, source.split, source.labels))
+        else:
+            by_shard.setdefault(source.shard_id, []).append(entry)
+    heatmap = json.loads(json.dumps(heatmap_parameters(settings)))    # as a shard's attribute reads back
+    for shard_id, copies in sorted(by_shard.items()):
+        with Shard(out / shard_name(shard_id)) as shard:
+            same_heatmaps = shard.heatmap_params == heatmap
+            types = shard.vocabulary.category_types
+            for entry in copies:
+                stored = shard.item(entry.copy_from.row)
+                # The stored heatmap is the one _item_and_record would render when the parameters and
+                # the joint subset (from the category type) are the same: keep it.
+                group = group_for_category_type(types[stored.category]) if 0 <= stored.category < len(types) \
+                    else heatmaps.DEFAULT_GROUP
+                result = Processed(entry.relative, sha256=stored.sha256, image=stored.image,
+                                   keypoints=stored.keypoints, width=stored.width, height=stored.height,
+                                   heatmap=stored.heatmap if same_heatmaps else None,
+                                   joint_group=group if same_heatmaps else None)
+                item, record = _item_and_record(entry, result, labels, settings)
+                _count(entry, record, report)
+                writer.add(item, record)
     if touched:
         record_files(writer.connection, touched)
 
