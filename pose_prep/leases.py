@@ -66,7 +66,7 @@ class Lease:
         for fd in self._descriptors:
             try:
                 os.close(fd)
-            except OSError:
+            except Exception:  # noqa: BLE001 - already closed, or `os` gone at interpreter exit (from __del__)
                 pass
         self._descriptors = []
 
