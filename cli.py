@@ -391,18 +391,38 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
 _CHECKPOINT = click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
                            help="A checkpoint of `vsam train` (e.g. RUN/checkpoints/last.pt).")
 _DEVICE = click.option("--device", type=click.Choice(["cpu", "cuda"]), help="Default: cuda when present.")
+_CHECKPOINT_OR_MODEL = click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+                                    help="A checkpoint of `vsam train` (e.g. RUN/checkpoints/last.pt); or --model.")
+_MODEL = click.option("--model", "onnx_model", type=click.Path(exists=True, dir_okay=False),
+                      help="A file of `vsam export --format onnx`, run by onnxruntime on the CPU (instead of "
+                           "--checkpoint).")
+
+
+def _model_file(checkpoint: str | None, onnx_model: str | None, device: str | None) -> str:
+    """--checkpoint FILE or --model FILE.onnx, exactly one (usage error, exit 2, otherwise)."""
+    if bool(checkpoint) == bool(onnx_model):
+        raise click.UsageError("give either --checkpoint FILE or --model FILE.onnx")
+    if onnx_model and not onnx_model.lower().endswith(".onnx"):
+        raise click.BadParameter(f"{onnx_model}: not an .onnx file (a checkpoint goes with --checkpoint)",
+                                 param_hint="--model")
+    if checkpoint and checkpoint.lower().endswith(".onnx"):
+        raise click.BadParameter(f"{checkpoint}: an ONNX export goes with --model", param_hint="--checkpoint")
+    if onnx_model and device == "cuda":
+        raise click.BadParameter("--model runs on the CPU (onnxruntime)", param_hint="--device")
+    return checkpoint or onnx_model
 
 
 def _inference_errors():
     """The exceptions that mean 'this checkpoint, data or folder cannot be used' (exit 1)."""
     from pose_prep.shard_format import ShardFormatError
-    from vsam_train.checkpoint import CheckpointError
+    from vsam_train.errors import CheckpointError     # torch-free: predict --model never imports torch
 
     return CheckpointError, ShardFormatError, FileNotFoundError, ValueError, RuntimeError, OSError
 
 
 @main.command("eval")
-@_CHECKPOINT
+@_CHECKPOINT_OR_MODEL
+@_MODEL
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard folder written by `vsam prep-pose` (the same vocabulary as the checkpoint's).")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["train", "val", "test", "none"]))
@@ -411,7 +431,7 @@ def _inference_errors():
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader worker processes.")
 @click.option("--per-attribute", is_flag=True, help="Also print a table row per attribute (and per category).")
 @_DEVICE
-def eval_command(checkpoint, shards, split, json_out, batch_size, workers, per_attribute, device) -> None:
+def eval_command(checkpoint, onnx_model, shards, split, json_out, batch_size, workers, per_attribute, device) -> None:
     """Score a checkpoint on one split: P@k, R@k, F1@k (macro and weighted), AP, DeepFashion top-3/5
     recall per attribute group (Liu & Lu's protocol, unknown labels as negatives, and the variant
     that leaves unknown labels out of the ranking), group top-1, category top-1/5 accuracy and
@@ -423,8 +443,9 @@ def eval_command(checkpoint, shards, split, json_out, batch_size, workers, per_a
     from vsam_train.evaluate import EvalError, evaluate_checkpoint, write_json
     from vsam_train.metrics import format_table
 
+    model_file = _model_file(checkpoint, onnx_model, device)
     try:
-        metrics = evaluate_checkpoint(checkpoint, shards, split, batch_size=batch_size, device=device,
+        metrics = evaluate_checkpoint(model_file, shards, split, batch_size=batch_size, device=device,
                                       workers=workers)
     except (EvalError, *_inference_errors()) as error:
         click.echo(f"vsam eval: {error}", err=True)
@@ -441,20 +462,22 @@ def eval_command(checkpoint, shards, split, json_out, batch_size, workers, per_a
 
 
 @main.command("predict")
-@_CHECKPOINT
+@_CHECKPOINT_OR_MODEL
+@_MODEL
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of photos, searched recursively (jpg, jpeg, png, webp, bmp).")
 @click.option("--out", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
               help="JSON Lines file, one line per image ('-': stdout).")
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Attributes scoring at least this are listed in \"predicted\".")
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0),
-              help="Processes decoding images (0: in the main process).")
+              help="Threads decoding the next batch while the model runs (0: decode in turn).")
 @click.option("--strict", is_flag=True, help="Exit 1 when any file could not be used.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 @_DEVICE
-def predict_command(checkpoint, images, out, threshold, batch_size, workers, strict, progress, device) -> None:
+def predict_command(checkpoint, onnx_model, images, out, threshold, batch_size, workers, strict, progress,
+                    device) -> None:
     """Category and attribute scores for every photo under --images; no pose detector is needed.
 
     Each line: {"path", "category", "category_prob", "attributes": {name: score}, "predicted": [names],
@@ -463,8 +486,9 @@ def predict_command(checkpoint, images, out, threshold, batch_size, workers, str
     or --strict and a file was bad, or the checkpoint cannot be used; 2 bad options."""
     from vsam_train.predict import predict_to_file
 
+    model_file = _model_file(checkpoint, onnx_model, device)
     try:
-        summary = predict_to_file(checkpoint, images, out, threshold=threshold, batch_size=batch_size,
+        summary = predict_to_file(model_file, images, out, threshold=threshold, batch_size=batch_size,
                                   device=device, workers=workers,
                                   progress=sys.stderr.isatty() if progress is None else progress)
     except _inference_errors() as error:

@@ -197,3 +197,11 @@ def category_shards(tmp_path_factory, df_shards) -> Path:
 def tiny_category_checkpoint(tmp_path_factory, category_shards) -> Path:
     """checkpoints/last.pt of a tiny VSAM with a category head trained 1 epoch on `category_shards`. Read-only."""
     return _train_tiny(category_shards, tmp_path_factory.mktemp("tiny-category") / "run", "vsam", 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory, tiny_checkpoint) -> Path:
+    """`tiny_checkpoint` through `vsam export --format onnx` (checked against it on export). Read-only."""
+    from vsam_train.export import export_checkpoint
+
+    return export_checkpoint(tiny_checkpoint, "onnx", tmp_path_factory.mktemp("tiny-onnx") / "tiny.onnx").path

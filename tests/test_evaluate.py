@@ -112,3 +112,29 @@ def test_an_empty_split_an_unreadable_checkpoint_and_other_labels_are_named(tiny
 def test_nan_becomes_null_at_any_depth():
     assert without_nan({"a": float("nan"), "b": [1.0, float("nan")], "c": {"d": float("nan")}}) == \
         {"a": None, "b": [1.0, None], "c": {"d": None}}
+
+
+def test_eval_runs_an_onnx_export_and_reports_the_checkpoints_metrics(tiny_checkpoint, tiny_onnx, df_shards,
+                                                                      tmp_path):
+    import onnx
+
+    figures = {}
+    for option, model in (("--checkpoint", tiny_checkpoint), ("--model", tiny_onnx)):
+        out = tmp_path / f"{option[2:]}.json"
+        result = CliRunner().invoke(vsam, ["eval", option, str(model), "--shards", str(df_shards),
+                                           "--json", str(out), "--workers", "0"])
+        assert result.exit_code == 0, result.output
+        figures[option] = _strict_json(out.read_text())
+    torch_run, onnx_run = figures["--checkpoint"], figures["--model"]
+    assert onnx_run["checkpoint"] == str(tiny_onnx) and onnx_run["n_items"] == torch_run["n_items"] == 24
+    for key in ("AP", "P@k", "R@k", "F1@k", "loss", "attribute_loss", "heatmap_loss", "attention_mse"):
+        assert onnx_run[key] == pytest.approx(torch_run[key], abs=1e-5), key
+    assert onnx_run["group_top1"] == pytest.approx(torch_run["group_top1"], abs=1e-9)
+
+    # A file exported before the training config travelled in the metadata: predict only, eval says so.
+    proto = onnx.load(str(tiny_onnx))
+    entry = next(e for e in proto.metadata_props if e.key == "vsam")
+    entry.value = json.dumps({k: v for k, v in json.loads(entry.value).items() if k != "config"})
+    onnx.save(proto, str(tmp_path / "older.onnx"))
+    result = CliRunner().invoke(vsam, ["eval", "--model", str(tmp_path / "older.onnx"), "--shards", str(df_shards)])
+    assert result.exit_code == 1 and "older.onnx: exported without its training config" in result.output

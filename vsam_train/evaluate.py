@@ -13,8 +13,9 @@ from pathlib import Path
 
 from pose_prep.atomic import atomic_write_text
 
-from .checkpoint import inference_device, load_for_inference
+from .checkpoint import inference_device
 from .data import ShardStream, make_loader
+from .inference import is_onnx, load_model
 from .losses import VsamLoss
 from .metrics import compute_metrics
 from .train import evaluate
@@ -30,9 +31,12 @@ def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val"
 
     The result holds "attribute_scores" (N, A) sigmoid probabilities, "attribute_labels",
     "category_logits", "category_labels", "paths" (in stored order), losses and "attention_mse"."""
-    device = inference_device(device)
-    model, info = load_for_inference(checkpoint, device)
+    device = inference_device(device or ("cpu" if is_onnx(checkpoint) else None))
+    model, info = load_model(checkpoint, device)     # a checkpoint, or an ONNX export (runs on the CPU)
     config = info["config"]
+    if config is None:
+        raise EvalError(f"{checkpoint}: exported without its training config (an export older than vsam eval "
+                        "--model): export it again from its checkpoint")
     decode = "gpu" if device.type == "cuda" and config["data"]["decode"] == "gpu" else "cpu"
     stream = ShardStream(shards, split, image_size=info["image_size"], train=False, decode=decode,
                          batch_size=batch_size or config["data"]["eval_batch_size"] or config["train"]["batch_size"],

@@ -11,7 +11,9 @@ outputs as a tuple, in the order the metadata's "outputs" lists, out of
 Metadata travels inside the file, as JSON text under the key "vsam" (ONNX: a metadata_props entry,
 read with `onnxruntime.InferenceSession(...).get_modelmeta().custom_metadata_map["vsam"]`;
 TorchScript: the extra file "vsam.json" of `torch.jit.load(path, _extra_files=...)`): outputs,
-vocabulary, image_size, mean, std, model name, epoch.
+vocabulary, image_size, mean, std, preprocess (in words), model name, epoch, step, config (the
+resolved training config) and heatmap (the collection's heatmap parameters): `vsam predict` and
+`vsam eval` run the file with `--model FILE.onnx` (vsam_train/inference.py).
 
 Every export is checked before it is kept: the written file is loaded back (onnxruntime, or
 torch.jit.load) and run on a probe batch; every output must agree with the checkpoint's model
@@ -73,11 +75,21 @@ def present_outputs(model: nn.Module, image_size: int) -> list[str]:
     return [name for name in OUTPUTS if result[name] is not None]
 
 
+# What `preprocess` does, for a reader without this package (metadata "preprocess").
+PREPROCESS = {"color": "RGB, EXIF orientation applied", "resize": "stretched to image_size × image_size, "
+              "antialiased bilinear (torchvision.transforms.functional.resize, antialias=True, on uint8)",
+              "scale": "1/255", "normalize": "(x - mean) / std per channel", "layout": "float32 NCHW"}
+
+
 def metadata(info: dict, outputs: list[str]) -> str:
+    """The "vsam" metadata: enough to run the file (vsam predict/eval --model, or any ONNX runtime)
+    without the checkpoint: outputs, vocabulary, preprocessing, and the training config and heatmap
+    parameters that `vsam eval` needs for its losses."""
     return json.dumps({"outputs": outputs, "vocabulary": json.loads(info["vocabulary"].to_json()),
                        "image_size": info["image_size"], "mean": list(MEAN), "std": list(STD),
-                       "input": "float32 (B, 3, S, S), RGB, ImageNet-normalised",
-                       "model_name": info["model_name"], "epoch": info["epoch"]}, sort_keys=True)
+                       "input": "float32 (B, 3, S, S), RGB, ImageNet-normalised", "preprocess": PREPROCESS,
+                       "model_name": info["model_name"], "epoch": info["epoch"], "step": info["step"],
+                       "config": info["config"], "heatmap": info["heatmap"]}, sort_keys=True)
 
 
 def probe_images(image_size: int, batch: int = PROBE_BATCH) -> torch.Tensor:

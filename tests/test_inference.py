@@ -1,0 +1,72 @@
+"""vsam_train/inference.py: an ONNX export as a model, and `data.preprocess` without torch."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import fixture_set
+from pose_prep.images import load
+from vsam_train.checkpoint import load_for_inference
+from vsam_train.data import MEAN, STD, preprocess
+from vsam_train.errors import CheckpointError
+from vsam_train.inference import load_onnx, preprocess_array, resize_antialiased
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_preprocess_array_is_data_preprocess_bit_for_bit():
+    rng = np.random.default_rng(0)
+    # Shrinking a lot and a little, enlarging, one side only, already square, tiny and thin images.
+    shapes = [(300, 200), (200, 300), (224, 224), (225, 223), (1000, 700), (50, 1000), (17, 9), (3, 3), (224, 500)]
+    for size in (224, 64):
+        for height, width in shapes:
+            rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+            np.testing.assert_array_equal(preprocess_array(rgb, size, MEAN, STD), preprocess(rgb, size).numpy(),
+                                          err_msg=f"{height}x{width} -> {size}")
+    for path in sorted(fixture_set.PHOTOS.glob("*.jpg"))[:8]:         # real photos, up to 480 px
+        rgb = load(path)[1].rgb
+        np.testing.assert_array_equal(preprocess_array(rgb, 224, MEAN, STD), preprocess(rgb, 224).numpy(),
+                                      err_msg=path.name)
+
+
+def test_the_resize_keeps_flat_colours_and_the_shape():
+    grey = np.full((301, 199, 3), 117, np.uint8)
+    resized = resize_antialiased(grey, 224)
+    assert resized.shape == (224, 224, 3) and resized.dtype == np.uint8 and (resized == 117).all()
+
+
+def test_an_export_carries_what_predict_and_eval_need(tiny_onnx, tiny_checkpoint):
+    model, info = load_onnx(tiny_onnx)
+    _, expected = load_for_inference(tiny_checkpoint)
+    for key in ("config", "model_name", "image_size", "epoch", "step", "heatmap"):
+        assert info[key] == expected[key], key
+    assert info["vocabulary"] == expected["vocabulary"]
+    assert info["mean"] == pytest.approx(MEAN) and info["std"] == pytest.approx(STD)
+    outputs = model.run(np.zeros((2, 3, 64, 64), np.float32))
+    assert outputs["attributes"].shape == (2, 26) and outputs["category"] is None
+    assert outputs["attention"].shape == (2, 1, 16, 16)
+
+
+def test_files_that_are_not_vsam_exports_are_named(tmp_path):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match=r"garbage.onnx: not a readable ONNX model"):
+        load_onnx(garbage)
+    identity = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["images"], ["attributes"])], "identity",
+        [onnx.helper.make_tensor_value_info("images", onnx.TensorProto.FLOAT, [1, 2])],
+        [onnx.helper.make_tensor_value_info("attributes", onnx.TensorProto.FLOAT, [1, 2])]))
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(identity, str(foreign))
+    with pytest.raises(CheckpointError, match=r"foreign.onnx: an ONNX model without vsam metadata"):
+        load_onnx(foreign)
+    entry = identity.metadata_props.add()
+    entry.key, entry.value = "vsam", json.dumps({"outputs": ["attributes"], "model_name": "vsam"})
+    onnx.save(identity, str(foreign))
+    with pytest.raises(CheckpointError, match=r"its vsam metadata is not usable \(KeyError: 'vocabulary'\)"):
+        load_onnx(foreign)
+    with pytest.raises(CheckpointError, match="no such ONNX file"):
+        load_onnx(tmp_path / "missing.onnx")

@@ -1,0 +1,164 @@
+"""A model for `vsam predict` and `vsam eval`: a training checkpoint (`--checkpoint FILE.pt`) or a file
+of `vsam export --format onnx` (`--model FILE.onnx`) run by onnxruntime.
+
+`load_model(path)` returns (model, info) for either, with the keys of `checkpoint.load_for_inference`'s
+info: "config", "vocabulary" (Vocabulary), "model_name", "image_size", "epoch", "step", "heatmap";
+an ONNX file adds "mean" and "std". Everything the ONNX file needs travels in its "vsam" metadata
+(export.py); files exported before "config" was added there run in predict, not in eval.
+
+The ONNX path of `vsam predict` never imports torch: importing torch alone takes 720 MB of RSS here
+(its CUDA build), more than the whole ONNX path. So this module imports torch only where a torch
+tensor is asked for (`OnnxModel.__call__`, for eval, and `load_model` on a checkpoint), and
+`preprocess_array` is `data.preprocess` in numpy: torchvision's antialiased bilinear resize of a uint8
+image as ATen computes it (int16 fixed-point weights, width then height, each pass rounded to uint8),
+then /255 and the mean/std normalisation in float32. Bit-identical to `data.preprocess` (tests:
+random images of many sizes, upscaling and downscaling, and real photos).
+"""
+from __future__ import annotations
+
+import json
+import math
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from pose_prep.shard_format import Vocabulary
+
+ONNX_SUFFIX = ".onnx"
+OUTPUTS = ("attributes", "category", "attention")
+
+
+class OnnxModel:
+    """An exported model run by onnxruntime on the CPU. `run(batch)`: numpy in, dict of numpy arrays
+    out; called with a torch tensor (as `train.evaluate` calls a model), torch tensors out."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        # Idle onnxruntime threads would spin, taking the CPU from the threads decoding the next batch.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    def eval(self) -> "OnnxModel":
+        return self
+
+    def run(self, images: np.ndarray) -> dict:
+        arrays = self.session.run(None, {"images": np.ascontiguousarray(images, np.float32)})
+        outputs = dict.fromkeys(OUTPUTS)
+        outputs.update(zip(self.output_names, arrays))
+        return outputs
+
+    def __call__(self, images):
+        import torch
+
+        outputs = self.run(images.detach().cpu().float().numpy())
+        return {name: None if array is None else torch.from_numpy(array) for name, array in outputs.items()}
+
+
+def is_onnx(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ONNX_SUFFIX
+
+
+def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, dict]:
+    """(OnnxModel, info) from a file of `vsam export --format onnx`; CheckpointError names what is wrong."""
+    from .errors import CheckpointError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such ONNX file")
+    try:
+        model = OnnxModel(path, threads)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot load
+        raise CheckpointError(f"{path}: not a readable ONNX model ({' '.join(str(error).split())[:300]})") from None
+    text = model.session.get_modelmeta().custom_metadata_map.get("vsam")
+    if text is None:
+        raise CheckpointError(f"{path}: an ONNX model without vsam metadata (not written by vsam export)")
+    try:
+        meta = json.loads(text)
+        info = {"config": meta.get("config"), "vocabulary": Vocabulary.from_json(json.dumps(meta["vocabulary"])),
+                "model_name": meta["model_name"], "image_size": int(meta["image_size"]), "epoch": int(meta["epoch"]),
+                "step": meta.get("step"), "heatmap": meta.get("heatmap") or {},
+                "mean": [float(v) for v in meta["mean"]], "std": [float(v) for v in meta["std"]]}
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its vsam metadata is not usable ({type(error).__name__}: {error})") from None
+    if meta.get("outputs") != model.output_names or not set(model.output_names) <= set(OUTPUTS):
+        raise CheckpointError(f"{path}: outputs {model.output_names} do not match its metadata's {meta.get('outputs')}")
+    return model, info
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """(model, info) from a checkpoint, or from an ONNX export (by its .onnx suffix; CPU only)."""
+    if is_onnx(path):
+        if str(device) != "cpu":
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"{path}: an ONNX model runs on the CPU here (onnxruntime), not on {device}")
+        return load_onnx(path)
+    from .checkpoint import load_for_inference
+
+    return load_for_inference(path, device)
+
+
+# --- data.preprocess without torch ---------------------------------------------------------------
+
+def preprocess_array(rgb: np.ndarray, image_size: int, mean, std) -> np.ndarray:
+    """(H, W, 3) uint8 RGB → (3, S, S) float32, as `data.preprocess` (see the module docstring)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}")
+    resized = resize_antialiased(rgb, image_size)
+    image = resized.transpose(2, 0, 1).astype(np.float32) / np.float32(255)
+    return (image - np.asarray(mean, np.float32)[:, None, None]) / np.asarray(std, np.float32)[:, None, None]
+
+
+def resize_antialiased(rgb: np.ndarray, size: int) -> np.ndarray:
+    """torchvision's `transforms.v2.functional.resize(uint8 image, [size, size], antialias=True)`
+    (bilinear), as uint8 (H, W, 3): width first, then height, each pass rounded to uint8."""
+    height, width = rgb.shape[:2]
+    image = rgb
+    if width != size:
+        image = _resize_axis(image, size, axis=1)
+    if height != size:
+        image = _resize_axis(image, size, axis=0)
+    return image
+
+
+def _resize_axis(image: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """One separable pass in ATen's fixed point: Σ_j input[start + j] · weight_j with int16 weights
+    scaled by 2^precision, plus half of that, shifted back and clipped to 0..255."""
+    starts, weights, precision = _aa_weights(image.shape[axis], size)
+    index = np.minimum(starts[:, None] + np.arange(weights.shape[1]), image.shape[axis] - 1)
+    shape = [1] * image.ndim
+    shape[axis] = size
+    total = np.full(np.take(image, index[:, 0], axis=axis).shape, 1 << (precision - 1), np.int32)
+    for j in range(weights.shape[1]):
+        total += np.take(image, index[:, j], axis=axis).astype(np.int32) * weights[:, j].reshape(shape)
+    return np.clip(total >> precision, 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=64)
+def _aa_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """ATen's antialiased bilinear weights for uint8 images (`_compute_index_ranges_int16_weights`): the
+    triangle filter, widened by the scale when shrinking, in float64, normalised per output pixel, then
+    int16 with as many fraction bits as the largest weight allows. (start per output, weights (out,
+    taps), fraction bits)."""
+    scale = in_size / out_size
+    support = scale if scale >= 1.0 else 1.0
+    inverse = 1.0 / scale if scale >= 1.0 else 1.0
+    taps = int(math.ceil(support)) * 2 + 1
+    starts, weights = np.zeros(out_size, np.int64), np.zeros((out_size, taps), np.float64)
+    for i in range(out_size):
+        center = scale * (i + 0.5)
+        start = max(int(center - support + 0.5), 0)
+        count = min(max(min(int(center + support + 0.5), in_size) - start, 0), taps)
+        row = np.array([max(0.0, 1.0 - abs((j + start - center + 0.5) * inverse)) for j in range(count)])
+        starts[i] = start
+        weights[i, :count] = row / row.sum() if count and row.sum() != 0 else row
+    precision = 0
+    while precision < 22 and int(0.5 + weights.max() * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    return starts, np.floor(weights * (1 << precision) + 0.5).astype(np.int32), precision
