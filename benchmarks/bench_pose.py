@@ -49,6 +49,11 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def _peak_rss_mb() -> float:
+    """VmHWM: unlike ru_maxrss, not carried over exec from the process that started this one."""
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")) / 1024
+
+
 def prep_child(spec: dict) -> dict:
     """One configuration, in this (fresh) process: build, warm up, time a prep-pose run."""
     os.environ["VSAM_YOLO_RUNTIME"] = spec["runtime"]
@@ -69,7 +74,7 @@ def prep_child(spec: dict) -> dict:
     return {"detector": spec["detector"], "yolo_runtime": spec["runtime"], "detector_version": detector.version,
             "photos": report.stored, "photos_per_s": report.stored / wall, "cpu_ms_per_photo": 1000 * cpu / report.stored,
             "photos_per_cpu_s": report.stored / cpu, "build_s": build_seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": _peak_rss_mb(),
             "yolo_share": (detector.fallback_calls - fallbacks) / report.stored if fallbacks is not None else None}
 
 
