@@ -691,6 +691,8 @@ def label_noise(shards, attribute, drop, category, config_file, out, seed, eval_
 @click.option("--swap-group", help="An exclusive attribute group (e.g. texture) in which labels are swapped.")
 @click.option("--swap", default=0.05, show_default=True, type=click.FloatRange(0, 1),
               help="Fraction of the group's singly labelled training items moved to another of its attributes.")
+@click.option("--swap-to", default="frequency", show_default=True, type=click.Choice(["frequency", "uniform"]),
+              help="How a swap's new attribute is drawn: by how often each is labelled, or uniformly.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML recipe for every model (e.g. configs/small.yaml; default: the paper's).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the injected errors and train.seed.")
@@ -703,8 +705,8 @@ def label_noise(shards, attribute, drop, category, config_file, out, seed, eval_
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", callback=_config_assignments,
               help="Any config value for every model, e.g. --set train.epochs=2 (repeatable).")
 @_DEVICE
-def audit_experiment(shards, out, drop_attribute, drop, swap_group, swap, config_file, seed, models, parallel, ns,
-                     gallery, assignments, device) -> None:
+def audit_experiment(shards, out, drop_attribute, drop, swap_group, swap, swap_to, config_file, seed, models, parallel,
+                     ns, gallery, assignments, device) -> None:
     """Inject known label errors into a copy of the training split (dropped positives of one
     attribute, swaps within one exclusive group), train each model on it, audit it with `vsam audit`
     and report precision@N and recall@N of the injected errors for the audit's ranking (Platt,
@@ -728,7 +730,8 @@ def audit_experiment(shards, out, drop_attribute, drop, swap_group, swap, config
         raise click.BadParameter(f"{ns!r}: comma-separated positive whole numbers", param_hint="--n")
     try:
         report = run(shards, out, drop_attribute=drop_attribute, drop=drop, swap_group=swap_group, swap=swap,
-                     config_file=config_file, overrides=assignments, seed=seed, models=names, parallel=parallel,
+                     swap_to=swap_to, config_file=config_file, overrides=assignments, seed=seed, models=names,
+                     parallel=parallel,
                      device=inference_device(device).type, ns=counts, gallery=gallery, command=sys.argv,
                      log=lambda message: click.echo(f"vsam experiment audit: {message}", err=True))
     except ConfigError as error:

@@ -45,18 +45,19 @@ def test_a_hand_built_case_ranks_missing_wrong_and_swapped_labels_in_the_exact_e
                        [0.5, 0.5, 0.3, 0.05, 0.4],
                        [0.1, 0.75, 0.35, 0.6, 0.95]])
     ranking = rank_labels(scores, labels, VOCABULARY, calibration="raw")
+    # A swap scores odds(suggested) / (odds(labelled) + odds(suggested)), odds = p / (1 - p).
     assert _rows(ranking) == [
         (2, "denim", "missing", None, 0.95, 1),    # unknown, scored 0.95
         (2, "floral", "wrong", None, 0.9, 1),      # true, scored 0.1
-        (0, "floral", "swap", "solid", 0.75, 2),   # 1 - 0.2 / (0.2 + 0.6)
+        (0, "floral", "swap", "solid", 0.8571, 2), # 1.5 / (0.25 + 1.5)
         (1, "denim", "wrong", None, 0.6, 2),
-        (1, "solid", "swap", "floral", 0.5, 1),    # 1 - 0.5 / 1.0
-        (2, "short", "swap", "long", 0.3684, 1),   # 1 - 0.6 / 0.95
+        (1, "solid", "swap", "floral", 0.5, 1),    # even odds: no evidence
         (0, "denim", "missing", None, 0.3, 3),     # a tie: item order
         (1, "long", "missing", None, 0.3, 1),
+        (2, "short", "swap", "long", 0.2642, 1),   # (0.35 / 0.65) / (1.5 + 0.35 / 0.65)
         (2, "solid", "wrong", None, 0.25, 2),
-        (0, "long", "swap", "short", 0.1, 2),      # 1 - 0.9 / 1.0
         (1, "short", "missing", None, 0.05, 2),
+        (0, "long", "swap", "short", 0.0122, 2),   # (1 / 9) / (9 + 1 / 9)
     ]
 
 
@@ -80,7 +81,8 @@ def test_every_label_is_judged_exactly_once(exclusive):
     cells = np.zeros_like(labels, np.int64)
     for item, attribute, kind, suggested in zip(rows["item"], rows["attribute"], rows["kind"], rows["suggested"]):
         if KINDS[kind] == "swap":
-            group = [a for a, g in enumerate(vocabulary.attribute_groups) if g == vocabulary.attribute_groups[attribute]]
+            name = vocabulary.attribute_groups[attribute]
+            group = [a for a, g in enumerate(vocabulary.attribute_groups) if g == name]
             cells[item, group] += 1
             assert labels[item, attribute] == 1 and (labels[item, group] == 1).sum() == 1
             assert suggested in group and suggested != attribute
@@ -118,7 +120,9 @@ def test_platt_scaling_puts_a_squeezed_attribute_s_outlier_first_where_raw_score
     assert 0.3 < np.median(calibrate(scores, labels, "platt", fold=folds_of(list(map(str, range(400)))))[:, 1]) < 0.7
 
 
-def test_isotonic_calibration_is_the_label_frequency_at_that_score_in_the_other_folds():
+def test_isotonic_calibration_is_the_prior_free_label_frequency_at_that_score_in_the_other_folds():
+    """P(level | true) / (P(level | true) + P(level | false)) over the other folds' known labels: the
+    frequency with positives and negatives weighing the same."""
     rng = np.random.default_rng(2)
     high = rng.random(300) < 0.5
     scores = np.where(high, 0.8, 0.2)[:, None]
@@ -127,8 +131,27 @@ def test_isotonic_calibration_is_the_label_frequency_at_that_score_in_the_other_
     fold = folds_of([f"{i}" for i in range(300)])
     calibrated = calibrate(scores, labels, "isotonic", fold=fold)
     for i in range(300):
-        others = (fold != fold[i]) & (labels[:, 0] >= 0) & (scores[:, 0] == scores[i, 0])
-        assert calibrated[i, 0] == pytest.approx(labels[others, 0].mean())
+        fit = (fold != fold[i]) & (labels[:, 0] >= 0)
+        level = fit & (scores[:, 0] == scores[i, 0])
+        given_true = (labels[level, 0] == 1).sum() / (labels[fit, 0] == 1).sum()
+        given_false = (labels[level, 0] == 0).sum() / (labels[fit, 0] == 0).sum()
+        assert calibrated[i, 0] == pytest.approx(given_true / (given_true + given_false))
+
+
+@pytest.mark.parametrize("calibration", ["platt", "isotonic"])
+def test_a_rare_label_in_a_group_the_model_has_not_learned_is_no_suspect(calibration):
+    """Scores that say nothing: every swap scores about 0.5, a label held by 3 % of the items as
+    much as one held by 80 % (a probability with the base rate in it would put the rare ones first)."""
+    rng = np.random.default_rng(5)
+    vocabulary = Vocabulary(attributes=["solid", "floral", "lattice"], attribute_groups=["texture"] * 3,
+                            exclusive_groups=True)
+    labels = np.zeros((1000, 3), np.int8)
+    labels[np.arange(1000), rng.choice(3, 1000, p=[0.8, 0.17, 0.03])] = 1
+    ranking = rank_labels(rng.uniform(0.3, 0.5, (1000, 3)), labels, vocabulary, calibration=calibration,
+                          paths=[f"{i:04d}" for i in range(1000)])
+    for attribute in range(3):
+        scores = ranking.score[ranking.attribute == attribute]
+        assert 0.4 < np.median(scores) < 0.6, (attribute, np.median(scores))
 
 
 @pytest.mark.parametrize("calibration", ["isotonic", "platt"])

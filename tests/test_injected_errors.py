@@ -18,8 +18,8 @@ from vsam_train.experiments.label_noise import split_labels
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 REPO = Path(__file__).resolve().parents[1]
-NAMES = ["floral", "solid", "long", "short"]
-VOCABULARY = Vocabulary(attributes=NAMES, attribute_groups=["texture", "texture", "sleeve", "sleeve"],
+NAMES = ["floral", "solid", "long", "short", "sleeveless"]
+VOCABULARY = Vocabulary(attributes=NAMES, attribute_groups=["texture", "texture", "sleeve", "sleeve", "sleeve"],
                         exclusive_groups=True)
 
 
@@ -38,21 +38,24 @@ def test_an_error_counts_once_at_the_first_row_that_points_at_it():
     assert summary["AP"] == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
-def test_injection_drops_and_swaps_exactly_the_listed_labels_whatever_the_item_order():
+@pytest.mark.parametrize("swap_to", ["frequency", "uniform"])
+def test_injection_drops_and_swaps_exactly_the_listed_labels_whatever_the_item_order(swap_to):
     rng = np.random.default_rng(3)
-    paths = [f"img/{i:03d}.jpg" for i in range(200)]
-    labels = np.zeros((200, 4), np.int8)
-    labels[np.arange(200), rng.integers(0, 2, 200)] = 1          # one texture each
-    labels[np.arange(200), 2 + rng.integers(0, 2, 200)] = 1      # one sleeve each
-    labels[::10, 3] = -1
-    options = dict(drop_attribute="floral", drop=0.1, swap_group="sleeve", swap=0.05, seed=7)
+    paths = [f"img/{i:03d}.jpg" for i in range(400)]
+    labels = np.zeros((400, 5), np.int8)
+    labels[np.arange(400), rng.integers(0, 2, 400)] = 1          # one texture each
+    labels[np.arange(400), 2 + rng.integers(0, 2, 400)] = 1      # one sleeve each (never sleeveless)
+    labels[::10, 4] = -1
+    options = dict(drop_attribute="floral", drop=0.1, swap_group="sleeve", swap=0.1, seed=7, swap_to=swap_to)
     errors, changed = inject(paths, labels, VOCABULARY, **options)
     dropped = [e for e in errors if e["kind"] == "dropped"]
     swapped = [e for e in errors if e["kind"] == "swapped"]
     assert len(dropped) == round(0.1 * (labels[:, 0] == 1).sum())
     lost = {e["path"] for e in dropped}
     pool = [p for p, row in zip(paths, labels) if (row[2:] == 1).sum() == 1 and p not in lost]
-    assert len(swapped) == round(0.05 * len(pool)) and {e["path"] for e in swapped} <= set(pool)
+    assert len(swapped) == round(0.1 * len(pool)) and {e["path"] for e in swapped} <= set(pool)
+    to_sleeveless = sum(e["attribute"] == "sleeveless" for e in swapped)      # a label no item holds
+    assert (to_sleeveless == 0) == (swap_to == "frequency")
     by_path = dict(zip(paths, labels))
     for path, row in changed.items():
         cells = set(np.flatnonzero(row != by_path[path]))
@@ -61,12 +64,13 @@ def test_injection_drops_and_swaps_exactly_the_listed_labels_whatever_the_item_o
             expected.add(NAMES.index(error["attribute"]))
             if error["kind"] == "swapped":
                 expected.add(NAMES.index(error["true_attribute"]))
-                assert by_path[path][NAMES.index(error["true_attribute"])] == 1 and row[NAMES.index(error["attribute"])] == 1
-                assert {error["attribute"], error["true_attribute"]} <= {"long", "short"}
+                assert by_path[path][NAMES.index(error["true_attribute"])] == 1
+                assert row[NAMES.index(error["attribute"])] == 1
+                assert {error["attribute"], error["true_attribute"]} <= {"long", "short", "sleeveless"}
         assert cells == expected
     assert set(changed) == {e["path"] for e in errors}
 
-    order = rng.permutation(200)
+    order = rng.permutation(400)
     again, _ = inject([paths[i] for i in order], labels[order], VOCABULARY, **options)
     assert again == errors
 
@@ -83,7 +87,8 @@ def test_the_experiment_at_toy_size_injects_trains_audits_and_scores(df_shards, 
     tiny = ["--config", str(REPO / "configs" / "tiny.yaml"), "--set", "train.epochs=1", "--set", "train.batch_size=16",
             "--set", "train.max_steps_per_epoch=2", "--set", "data.num_workers=0", "--set", "data.max_val_batches=1"]
     command = ["experiment", "audit", "--shards", str(df_shards), "--out", str(out), "--drop-attribute",
-               drop_attribute, "--drop", "0.1", "--swap-group", "sleeve", "--swap", "0.05", "--n", "5,10,50", "--gallery", "1",
+               drop_attribute, "--drop", "0.1", "--swap-group", "sleeve", "--swap", "0.05", "--n", "5,10,50",
+               "--gallery", "1",
                "--device", "cpu", *tiny]
     result = CliRunner().invoke(vsam, command)
     assert result.exit_code == 0, result.output
@@ -122,6 +127,9 @@ def test_the_experiment_at_toy_size_injects_trains_audits_and_scores(df_shards, 
             assert methods["platt"]["at"][str(n)]["recall"] == pytest.approx(len(hit) / len(errors))
         assert (out / "audit" / model / "index.html").is_file()
     assert "| vsam | platt |" in result.output and "| vgg16 | random |" in result.output
+    for model in ("vsam", "vgg16"):
+        within = report["models"][model]["methods"]["platt"]["within"]
+        assert set(within) == {k for k in ("dropped", "swapped") if report["injected"][k]}
     assert (out / "audit_experiment.md").read_text().startswith(f"{len(errors)} injected errors")
 
     again = CliRunner().invoke(vsam, command)             # a rerun continues: every run already evaluated

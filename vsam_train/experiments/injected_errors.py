@@ -6,8 +6,12 @@ Real catalogs have no list of their label errors, so this experiment makes one:
    injected errors, drawn with `seed` over the items in path order (so independent of the shard
    layout): a fraction `drop` of the positives of attribute `drop_attribute` set to 0 (missing
    tags), and a fraction `swap` of the items labelled with exactly one attribute of the exclusive
-   group `swap_group` (and not dropped) moved to another attribute of that group, drawn uniformly
-   (a floral dress tagged solid). `errors.json` lists them.
+   group `swap_group` (and not dropped) moved to another attribute of that group (a floral dress
+   tagged solid), drawn in proportion to how often the group's other attributes are labelled
+   (`swap_to` "frequency": wrong tags lean to the common ones, and the rarity of a label then says
+   nothing about whether it is wrong) or uniformly ("uniform": most wrong labels are then rare
+   attributes, so a ranking that flags rare labels finds them without looking at the photo).
+   `errors.json` lists them.
 2. `runs/<model>/seed-<seed>/`: each model trained on the corrupted labels by the comparison core
    (`compare.compare`: `vsam train` in a child process per run, evaluated on val; a killed
    experiment continues where it stopped when rerun with the same options).
@@ -21,9 +25,11 @@ questions a or proposes b. precision@N is the number of distinct errors found in
 over N (a row that points at an error already found, or at none, costs a review and finds nothing);
 recall@N the same number over all injected errors; AP the mean, over the errors, of the precision at
 the rank where each is found (0 for one never found). Rows that point at real errors of the
-original labels count as misses: every method pays that alike. The baselines: the same rows in a
-random order (the mean of RANDOM_DRAWS seeded orders) and ranked by the model's raw scores
-("raw", no calibration).
+original labels count as misses, so the overall figures also measure how many real errors a method
+puts first; "within" repeats them per error kind over the rows of its target only (the dropped
+attribute's rows, the swap group's attributes' rows), as a reviewer of that attribute sees them.
+The baselines: the same rows in a random order (the mean of RANDOM_DRAWS seeded orders) and ranked
+by the model's raw scores ("raw", no calibration).
 """
 from __future__ import annotations
 
@@ -50,8 +56,12 @@ SCHEMA = "vsam-audit-experiment/1"
 
 # --- the errors --------------------------------------------------------------------------------
 
+SWAP_TO = ("frequency", "uniform")
+
+
 def inject(paths: list[str], labels: np.ndarray, vocabulary, *, drop_attribute: str, drop: float,
-           swap_group: str | None, swap: float, seed: int) -> tuple[list[dict], dict[str, np.ndarray]]:
+           swap_group: str | None, swap: float, seed: int, swap_to: str = "frequency"
+           ) -> tuple[list[dict], dict[str, np.ndarray]]:
     """(errors, {path: corrupted label row}) for the training items `paths` with `labels`.
 
     An error is {"path", "kind": "dropped", "attribute"} or {"path", "kind": "swapped",
@@ -68,11 +78,15 @@ def inject(paths: list[str], labels: np.ndarray, vocabulary, *, drop_attribute: 
         dropped = set(changed)
         pool = sorted(path for path in paths if (rows[path][members] == 1).sum() == 1 and path not in dropped)
         rng = np.random.default_rng([seed, 1])
+        counts = (labels[:, members] == 1).sum(0)
         for index in sorted(rng.choice(len(pool), size=int(round(swap * len(pool))), replace=False)):
             path = pool[index]
             row = changed.setdefault(path, rows[path].copy())
             true = next(a for a in members if row[a] == 1)
-            new = int(rng.choice([a for a in members if a != true]))
+            others = [i for i, a in enumerate(members) if a != true]
+            weights = counts[others].astype(np.float64) if swap_to == "frequency" else np.ones(len(others))
+            weights = weights / weights.sum() if weights.sum() > 0 else np.full(len(others), 1 / len(others))
+            new = members[others[int(rng.choice(len(others), p=weights))]]
             row[true], row[new] = 0, 1
             errors.append({"path": path, "kind": "swapped", "attribute": names[new], "true_attribute": names[true]})
     return errors, changed
@@ -121,16 +135,23 @@ def curve_summary(found: np.ndarray, n_errors: int, ns: tuple[int, ...]) -> dict
 
 
 def score_methods(scores: np.ndarray, labels: np.ndarray, vocabulary, paths: list[str], errors: list[dict],
-                  ns: tuple[int, ...], seed: int = 0) -> dict:
-    """Every method of METHODS on the same judged rows: curve_summary overall and per error kind
-    ("random": the mean of the summaries of RANDOM_DRAWS seeded orders)."""
+                  ns: tuple[int, ...], seed: int = 0, targets: dict[str, list[int]] | None = None) -> dict:
+    """Every method of METHODS on the same judged rows: curve_summary overall, per error kind
+    ("by_kind") and per error kind over the rows of its `targets` attributes only ("within");
+    "random": the mean of the summaries of RANDOM_DRAWS seeded orders."""
     names = vocabulary.attributes
     groups = {"all": errors, **{kind: [e for e in errors if e["kind"] == kind] for kind in ("dropped", "swapped")}}
 
     def summaries(item: np.ndarray, attribute: np.ndarray) -> dict:
         found = {name: curve_summary(found_curve(item, attribute, group, paths, names), len(group), ns)
                  for name, group in groups.items() if group}
-        return {**found.pop("all"), "by_kind": found}
+        within = {}
+        for kind, attributes in (targets or {}).items():
+            if groups.get(kind):
+                rows = np.isin(attribute, attributes)
+                within[kind] = curve_summary(found_curve(item[rows], attribute[rows], groups[kind], paths, names),
+                                             len(groups[kind]), ns)
+        return {**found.pop("all"), "by_kind": found, "within": within}
 
     results, rows = {}, None
     for method in CALIBRATIONS:
@@ -154,7 +175,8 @@ def _mean(summaries: list):
 # --- the experiment ----------------------------------------------------------------------------
 
 def run(shards: str | Path, out: str | Path, *, drop_attribute: str, drop: float = 0.10, swap_group: str | None = None,
-        swap: float = 0.05, config_file: str | Path | None = None, overrides: dict | None = None, seed: int = 0,
+        swap: float = 0.05, swap_to: str = "frequency", config_file: str | Path | None = None,
+        overrides: dict | None = None, seed: int = 0,
         models=("vsam", "vgg16"), parallel: int = 2, device: str = "cpu", ns: tuple[int, ...] = DEFAULT_NS,
         gallery: int = 6, log=print, command: list[str] | None = None) -> dict:
     """The whole experiment (see the module docstring); returns what audit_experiment.json holds."""
@@ -163,9 +185,11 @@ def run(shards: str | Path, out: str | Path, *, drop_attribute: str, drop: float
     config = load_config(config_file, overrides)
     split = config["data"]["train_split"]
     vocabulary = read_collection(shards).vocabulary
-    _check_choices(shards, vocabulary, drop_attribute, drop, swap_group, swap)
+    _check_choices(shards, vocabulary, drop_attribute, drop, swap_group, swap, swap_to)
     settings = {"shards": str(shards), "split": split, "drop_attribute": drop_attribute, "drop": drop,
-                "swap_group": swap_group, "swap": swap, "seed": seed}
+                "swap_group": swap_group, "swap": swap, "swap_to": swap_to, "seed": seed}
+    targets = {"dropped": [vocabulary.attributes.index(drop_attribute)],
+               "swapped": vocabulary.group_indices().get(swap_group, []) if swap_group else []}
     errors = _corrupted_collection(shards, out, settings, vocabulary, log)
     if not errors:
         raise ExperimentError(f"{shards}: the fractions chosen inject no error into split {split!r}; raise them")
@@ -174,7 +198,8 @@ def run(shards: str | Path, out: str | Path, *, drop_attribute: str, drop: float
                       parallel=parallel, device=device, log=log, command=command)
     if trained["failed"]:
         raise ExperimentError(f"training failed: {', '.join(trained['failed'])} (see {out}/runs/*/seed-{seed}/run.log)")
-    report = {"schema": SCHEMA, "command": command, "settings": settings, "config_file": config_file and str(config_file),
+    report = {"schema": SCHEMA, "command": command, "settings": settings,
+              "config_file": config_file and str(config_file),
               "overrides": overrides, "ns": list(ns),
               "injected": {"total": len(errors), **{kind: sum(e["kind"] == kind for e in errors)
                                                     for kind in ("dropped", "swapped")}},
@@ -191,17 +216,20 @@ def run(shards: str | Path, out: str | Path, *, drop_attribute: str, drop: float
             "checkpoint": str(checkpoint), "audit": str(audit_folder),
             "val": trained["per_run"].get(variant.name, {}).get(str(seed), {}),
             "methods": score_methods(audited.scores, audited.labels, audited.vocabulary, audited.paths, errors, ns,
-                                     seed)}
+                                     seed, targets)}
     write_json(report, out / JSON_NAME)
     (out / TABLE_NAME).write_text(format_table(report) + "\n", encoding="utf-8")
     return report
 
 
-def _check_choices(shards, vocabulary, drop_attribute, drop, swap_group, swap) -> None:
+def _check_choices(shards, vocabulary, drop_attribute, drop, swap_group, swap, swap_to) -> None:
     if drop_attribute not in vocabulary.attributes:
-        raise ExperimentError(f"{shards} has no attribute {drop_attribute!r}; it has {', '.join(vocabulary.attributes)}")
+        raise ExperimentError(f"{shards} has no attribute {drop_attribute!r}; it has "
+                              f"{', '.join(vocabulary.attributes)}")
     if not (0 <= drop <= 1 and 0 <= swap <= 1):
         raise ExperimentError(f"--drop and --swap are fractions in [0, 1], not {drop} and {swap}")
+    if swap_to not in SWAP_TO:
+        raise ExperimentError(f"--swap-to is one of {', '.join(SWAP_TO)}, not {swap_to!r}")
     if swap_group is None:
         return
     groups = vocabulary.group_indices()
@@ -228,7 +256,7 @@ def _corrupted_collection(shards, out: Path, settings: dict, vocabulary, log) ->
     paths, labels, _ = split_labels(shards, settings["split"])
     errors, changed = inject(paths, labels, vocabulary, drop_attribute=settings["drop_attribute"],
                              drop=settings["drop"], swap_group=settings["swap_group"], swap=settings["swap"],
-                             seed=settings["seed"])
+                             seed=settings["seed"], swap_to=settings["swap_to"])
     out.mkdir(parents=True, exist_ok=True)
     if (out / "shards").exists():         # a copy interrupted before errors.json: ours, redo it
         import shutil
@@ -240,11 +268,12 @@ def _corrupted_collection(shards, out: Path, settings: dict, vocabulary, log) ->
 
 
 def format_table(report: dict) -> str:
-    """Markdown: one row per model and method, AP and precision/recall at each N."""
-    ns = report["ns"]
-    injected = report["injected"]
-    lines = [f"{injected['total']} injected errors ({injected['dropped']} dropped {report['settings']['drop_attribute']}"
-             f" labels, {injected['swapped']} swaps within {report['settings']['swap_group']})", "",
+    """Markdown: one row per model and method, AP and precision/recall at each N over every row, then
+    AP and precision at each N of each error kind within its target's rows."""
+    ns, settings, injected = report["ns"], report["settings"], report["injected"]
+    lines = [f"{injected['total']} injected errors ({injected['dropped']} dropped {settings['drop_attribute']} labels, "
+             f"{injected['swapped']} swaps within {settings['swap_group']}, drawn by {settings['swap_to']}); "
+             "every judged row:", "",
              "| model | ranking | AP | " + " | ".join(f"P@{n} | R@{n}" for n in ns) + " |",
              "|---|---|---|" + "---|---|" * len(ns)]
     for model, result in report["models"].items():
@@ -252,4 +281,16 @@ def format_table(report: dict) -> str:
             figures = result["methods"][method]
             cells = [f"{figures['at'][str(n)]['precision']:.3f} | {figures['at'][str(n)]['recall']:.3f}" for n in ns]
             lines.append(f"| {model} | {method} | {figures['AP']:.3f} | " + " | ".join(cells) + " |")
+    kinds = [k for k in ("dropped", "swapped") if injected[k]]
+    header = ["model", "ranking"] + [f"{k} {what}" for k in kinds for what in ("AP", *(f"P@{n}" for n in ns[:3]))]
+    lines += ["", "Within each error kind's target (the dropped attribute's rows, the swap group's rows):", "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for model, result in report["models"].items():
+        for method in METHODS:
+            within = result["methods"][method]["within"]
+            cells = []
+            for kind in kinds:
+                cells.append(f"{within[kind]['AP']:.3f}")
+                cells += [f"{within[kind]['at'][str(n)]['precision']:.3f}" for n in ns[:3]]
+            lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
