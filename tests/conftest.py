@@ -116,16 +116,6 @@ def small_disk(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 1600 KiB tmpfs mounted on a fresh folder for the test (tests/small_disk.py: needs root,
-    and fails rather than skips where mount is not permitted); small_disk.grow(path, size) frees it."""
-    import small_disk
-
-    with small_disk.mounted(tmp_path / "disk", "1600k") as folder:
-        yield folder
-
-
-@pytest.fixture
 def one_torch_thread():
     """Tiny models on a busy 2-core machine: one intra-op thread avoids OpenMP oversubscription
     (which makes a 30 ms step take seconds); the previous setting is restored afterwards."""
