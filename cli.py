@@ -715,13 +715,14 @@ def audit_experiment(shards, out, drop_attribute, drop, swap_group, swap, swap_t
 
     Exit codes: 0 done, 1 the experiment failed (a training run, the data), 2 bad options or config."""
     from vsam_train.checkpoint import inference_device
-    from vsam_train.config import MODEL_VARIANTS, ConfigError
+    from vsam_train.config import ConfigError
     from vsam_train.experiments.injected_errors import format_table, run
     from vsam_train.experiments.label_noise import ExperimentError
+    from vsam_train.model_registry import list_models
 
     names = tuple(name.strip() for name in models.split(",") if name.strip())
-    if not names or not set(names) <= set(MODEL_VARIANTS):
-        raise click.BadParameter(f"{models!r}: choose among {', '.join(MODEL_VARIANTS)}", param_hint="--models")
+    if not names or not set(names) <= set(list_models()):
+        raise click.BadParameter(f"{models!r}: choose among {', '.join(list_models())}", param_hint="--models")
     try:
         counts = tuple(sorted({int(n) for n in ns.split(",") if n.strip()}))
     except ValueError:

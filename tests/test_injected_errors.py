@@ -135,3 +135,24 @@ def test_the_experiment_at_toy_size_injects_trains_audits_and_scores(df_shards, 
     again = CliRunner().invoke(vsam, command)             # a rerun continues: every run already evaluated
     assert again.exit_code == 0, again.output
     assert "continuing" in again.output and "2 of 2 runs already evaluated" in again.output
+
+
+def test_bad_options_exit_2_and_choices_the_collection_lacks_exit_1_before_any_training(df_shards, tmp_path):
+    def run(*options, out=tmp_path / "x"):
+        return CliRunner().invoke(vsam, ["experiment", "audit", "--shards", str(df_shards), "--out", str(out),
+                                         "--drop-attribute", "solid", "--device", "cpu", *options])
+
+    assert run("--models", "vsam,vit").exit_code == 2
+    assert run("--n", "0,10").exit_code == 2 and run("--n", "ten").exit_code == 2
+    assert run("--swap-to", "rare").exit_code == 2
+    assert run("--set", "train.epochs=0").exit_code == 2
+    result = run("--swap-group", "colour")
+    assert result.exit_code == 1 and "no exclusive group 'colour'" in result.output
+    result = run("--drop-attribute", "paisley")
+    assert result.exit_code == 1 and "has no attribute 'paisley'" in result.output
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    result = run(out=occupied)
+    assert result.exit_code == 1 and "is not empty" in result.output
+    assert sorted(p.name for p in occupied.iterdir()) == ["notes.txt"] and not (tmp_path / "x").exists()
