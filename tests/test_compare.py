@@ -58,6 +58,7 @@ def test_the_comparison_trains_evaluates_summarises_and_continues_where_it_stopp
     assert "attention_correlation" in data["models"]["vsam"] and "attention_correlation" not in data["models"]["vgg16"]
     assert data["differences"]["vsam - vgg16"]["group_top1"]["n"] == 2
     assert "| vsam - vgg16 | 2 |" in done.stdout
+    assert len(data["git_commit"]) == 40
     assert 0 < data["majority"]["group_top1"] < 1 and "| majority (train rates) | – | " in done.stdout
     evaluated = json.loads((out / "runs" / "vsam" / "seed-1" / "eval.json").read_text())
     assert evaluated["split"] == "val" and evaluated["model"] == "vsam" and evaluated["epoch"] == 1

@@ -141,7 +141,8 @@ def compare(shards: str | Path, out: str | Path, variants: list[Variant], seeds:
                 jobs.append((spec, f"{variant.name} seed {seed}"))
     total = len(variants) * len(seeds)
     log(f"{total - len(jobs)} of {total} runs already evaluated; {len(jobs)} to do, {parallel} at a time")
-    data = {"schema": SCHEMA, "command": command, "shards": str(shards), "config_file": config_file,
+    data = {"schema": SCHEMA, "command": command, "git_commit": _git_commit(), "shards": str(shards),
+            "config_file": config_file,
             "settings": settings or {}, "seeds": seeds, "parallel": parallel,
             "variants": {v.name: {"model": v.model, "overrides": v.overrides} for v in variants},
             "majority": _majority_figures(shards)}
@@ -222,6 +223,16 @@ def _save(out: Path, data: dict, variants: list[Variant], seeds: list[int]) -> d
     data["wall_minutes"] = {v.name: {str(s): _train_minutes(run_dir(out, v.name, s)) for s in seeds} for v in variants}
     write_json(data, out / JSON_NAME)
     return data
+
+
+def _git_commit() -> str | None:
+    """The commit of the code that runs (None outside a git checkout)."""
+    try:
+        done = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
 
 
 def _majority_figures(shards) -> dict | None:
