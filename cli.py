@@ -561,8 +561,9 @@ def explain_command(checkpoint, baseline, images, out, attributes, top, limit, p
 def audit_command(checkpoint, shards, split, out, calibration, top, gallery, batch_size, workers, progress,
                   device) -> None:
     """Find the labels of a split that the model disagrees with: missing (false or unknown, scored
-    high), wrong (true, scored low) and, for mutually exclusive groups, swaps; ranked by a
-    calibrated probability that the label is wrong, per attribute and overall. Writes OUT/audit.csv,
+    high), wrong (true, scored low) and, for mutually exclusive groups, swaps; ranked, per attribute
+    and overall, by how strongly the calibrated scores speak against the label (0.5 no evidence, 1
+    strong; prior-free, so a rare label is not suspect for being rare). Writes OUT/audit.csv,
     OUT/index.html (photos, Ŝ and Grad-CAM of each attribute's top suspects) and OUT/summary.json.
 
     Exit codes: 0 done, 1 the checkpoint or shards cannot be used (unreadable, other vocabulary,

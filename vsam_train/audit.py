@@ -414,7 +414,8 @@ def write_gallery_page(path: Path, audited: AuditResult, entries: list[GalleryEn
              f"<h1>vsam audit</h1><p>{e(summary['model'])} (epoch {summary['epoch']}) on split "
              f"{e(summary['split'])} of {e(summary['shards'])}: {summary['n_items']} items, "
              f"{summary['n_judged']} judgements ({', '.join(f'{n} {k}' for k, n in summary['by_kind'].items())}), "
-             f"calibration {e(summary['calibration'])}. Score: the calibrated probability that the label is wrong. "
+             f"calibration {e(summary['calibration'])}. Score: 0.5 the model's scores say nothing, 1 they speak "
+             "strongly against the label (prior-free: a rare label is not suspect for being rare). "
              f'All ranked rows: <a href="{link("audit.csv")}">audit.csv</a>.</p>\n<p>'
              + " · ".join(f'<a href="#attribute-{a}">{e(names[a])}</a>' for a in sorted(by_attribute)) + "</p>\n"]
     for attribute in sorted(by_attribute):
