@@ -37,10 +37,10 @@ from pose_prep.atomic import atomic_path
 
 from .checkpoint import load_for_inference
 from .data import MEAN, STD
+from .inference import OUTPUTS
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-OUTPUTS = ("attributes", "category", "attention")
 ATOL, RTOL = 1e-4, 1e-4
 ONNX_OPSET = 17
 PROBE_BATCH = 2

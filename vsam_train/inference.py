@@ -26,6 +26,7 @@ import numpy as np
 from pose_prep.shard_format import Vocabulary
 
 ONNX_SUFFIX = ".onnx"
+# The outputs a model may have, in the order an export lists them (export.py writes, load_onnx checks).
 OUTPUTS = ("attributes", "category", "attention")
 
 
