@@ -40,8 +40,7 @@ from pose_prep.atomic import atomic_path
 from pose_prep.images import BadImage, CatalogImage, catalog_images, load, printable_name
 from pose_prep.shard_format import Vocabulary
 
-from .errors import CheckpointError
-from .inference import is_onnx, load_onnx, preprocess_array
+from .inference import is_onnx, load_model, preprocess_array
 
 # Images per forward pass. At 224 px a full-width model's first layers hold ~12 MB of activations per
 # image: 8 keeps the ONNX path near 0.7 GB of RSS, at the speed of larger batches (docs/inference.md).
@@ -107,9 +106,7 @@ class OnnxRunner:
     """An exported .onnx file through onnxruntime; preprocessing in numpy (no torch in the process)."""
 
     def __init__(self, path: str | Path, device: str | None):
-        if device not in (None, "cpu"):
-            raise CheckpointError(f"{path}: an ONNX model runs on the CPU here (onnxruntime), not on {device}")
-        self.model, self.info = load_onnx(path)
+        self.model, self.info = load_model(path, device or "cpu")     # CheckpointError for another device
         self.prepare = partial(preprocess_array, image_size=self.info["image_size"], mean=self.info["mean"],
                                std=self.info["std"])
 
