@@ -308,8 +308,12 @@ def _check_layout(file: h5py.File, header: _Header, path: Path) -> None:
                 contiguous = dataset.chunks is None and dataset.compression is None
                 storage = dataset.id.get_storage_size()
             elif name == "heatmap" and not (dataset.compression == "lzf" and dataset.fletcher32):
+                # lzf without Fletcher-32: written by an early build of version 2 (before heatmap chunks had
+                # checksums), which carries the same schema_version; a rerun into the same folder keeps it.
                 raise ShardFormatError(f"{path}: dataset heatmap is not stored with lzf and Fletcher-32 "
-                                       f"(filters {dataset.compression}, fletcher32={dataset.fletcher32})")
+                                       f"(filters {dataset.compression}, fletcher32={dataset.fletcher32}): written "
+                                       "by an early build of schema version 2, or damaged; rebuild the shards with "
+                                       "`vsam prep-pose` of this version into a new --out folder")
             elif name == "heatmap" and shape is None:
                 shape = (header.n_items, *actual_shape[1:]) if len(actual_shape) == 3 else ("n", "h", "w")
             string = h5py.check_string_dtype(actual_dtype) if dtype is None else None

@@ -109,6 +109,24 @@ def test_unknown_schema_version_is_refused_with_a_clear_message(tmp_path):
         sf.collection_info(tmp_path / "c")
 
 
+def test_a_heatmap_without_fletcher32_from_an_early_version_2_build_says_to_rebuild(tmp_path):
+    """An early build of version 2 wrote heatmaps with lzf alone, under the same schema_version: such a
+    shard cannot pass for a sound one, and the error says what to do about it."""
+    _collection(tmp_path)
+    path = tmp_path / "shard-000001.h5"
+    with h5py.File(path, "a") as f:                       # the heatmap as that build wrote it; attributes unchanged
+        heatmap = f["heatmap"][...]
+        del f["heatmap"]
+        f.create_dataset("heatmap", data=heatmap, compression="lzf", chunks=(len(heatmap), 56, 56))
+    expected = (f"{path}: dataset heatmap is not stored with lzf and Fletcher-32 (filters lzf, fletcher32=False): "
+                "written by an early build of schema version 2, or damaged; rebuild the shards with `vsam prep-pose` "
+                "of this version into a new --out folder")
+    with pytest.raises(sf.ShardFormatError) as raised:
+        sf.Shard(path).read()
+    assert str(raised.value) == expected
+    assert sf.verify_collection(tmp_path) == [expected]
+
+
 def test_live_rows_items_and_info(tmp_path):
     written = _collection(tmp_path)
     assert {p.name: rows.tolist() for p, rows in sf.live_rows(tmp_path).items()} == \
