@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import NoReturn
 
 import click
 
@@ -27,6 +28,12 @@ def main(verbose: bool) -> None:
         from pose_prep.native_logs import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"      # read where the detectors run, worker processes included
+
+
+def _fail(command: str, message, code: int) -> NoReturn:
+    """End `vsam COMMAND` with one line on stderr, `vsam COMMAND: message`, and exit code `code`."""
+    click.echo(f"vsam {command}: {message}", err=True)
+    sys.exit(code)
 
 
 # --- pose (pose_prep) --------------------------------------------------------------------------
@@ -64,15 +71,13 @@ def pose(images, out, detector, jobs, overlays, progress) -> None:
         summary = run(images, out, detector_name=detector, jobs=jobs, overlays=overlays,
                       progress=sys.stderr.isatty() if progress is None else progress)
     except DiskFull as error:
-        click.echo(f"vsam pose: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("pose", error, EXIT_FAILED)
     except (ValueError, FileNotFoundError, DetectorUnavailable) as error:
         raise click.UsageError(str(error)) from None
     where = f" (failures listed in {out}/{FAILURES_FILE})" if summary.failed else ""
     click.echo(f"vsam pose: {summary.line()}{where}")
     if summary.nothing_processed:
-        click.echo(f"vsam pose: nothing could be processed under {images}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("pose", f"nothing could be processed under {images}", EXIT_FAILED)
 
 
 @main.command("pose-eval")
@@ -96,8 +101,7 @@ def pose_eval(images, annotations, detector, threshold) -> None:
     except (ValueError, FileNotFoundError, DetectorUnavailable) as error:
         raise click.UsageError(str(error)) from None
     except EvalError as error:
-        click.echo(f"vsam pose-eval: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("pose-eval", error, EXIT_FAILED)
     click.echo(json.dumps(result, indent=2))
 
 
@@ -197,11 +201,9 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     try:
         report = run(options)
     except lock.Busy as error:
-        click.echo(f"vsam prep-pose: {error}", err=True)
-        sys.exit(EXIT_BUSY)
+        _fail("prep-pose", error, EXIT_BUSY)
     except (LabelError, PrepError, ShardFormatError, DiskFull) as error:
-        click.echo(f"vsam prep-pose: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("prep-pose", error, EXIT_FAILED)
     for rejected in report.rejected:     # one line each, whatever the name holds (a newline: \n)
         click.echo(f"rejected: {printable_name(rejected['path'])}: {rejected['reason']}", err=True)
     _echo_first("unreadable", [f"{u['path']}: {u['reason']} (its stored items are kept)" for u in report.unreadable])
@@ -211,8 +213,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
         click.echo(report.summary())
     click.echo(f"report: {report.path}")
     if report.exit_code != EXIT_OK:
-        click.echo(f"vsam prep-pose: {report.error}", err=True)
-    sys.exit(report.exit_code)
+        _fail("prep-pose", report.error, report.exit_code)
 
 
 @main.group()
@@ -231,8 +232,7 @@ def shards_info(folder) -> None:
     try:
         click.echo(json.dumps(collection_info(folder), indent=1, ensure_ascii=False))
     except ShardFormatError as error:
-        click.echo(f"vsam shards info: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("shards info", error, EXIT_FAILED)
 
 
 @shards.command("list")
@@ -247,8 +247,7 @@ def shards_list(folder) -> None:
         for item in live_items(folder):
             click.echo(json.dumps(item, ensure_ascii=False))
     except ShardFormatError as error:
-        click.echo(f"vsam shards list: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("shards list", error, EXIT_FAILED)
 
 
 @shards.command("compact")
@@ -268,18 +267,15 @@ def shards_compact(folder, below, shard_size) -> None:
     from pose_prep.shard_format import ShardFormatError, index_path, open_index
 
     if not index_path(folder).exists():
-        click.echo(f"vsam shards compact: {index_path(folder)}: no shard index here (is {folder} a `vsam prep-pose` "
-                   "output folder?)", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("shards compact", f"{index_path(folder)}: no shard index here (is {folder} a `vsam prep-pose` "
+              "output folder?)", EXIT_FAILED)
     try:
         with lock.exclusive(folder), open_index(folder) as connection:
             done = compact(folder, connection, shard_size, below / 100)
     except lock.Busy as error:
-        click.echo(f"vsam shards compact: {error}", err=True)
-        sys.exit(EXIT_BUSY)
+        _fail("shards compact", error, EXIT_BUSY)
     except (ShardFormatError, DiskFull) as error:
-        click.echo(f"vsam shards compact: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("shards compact", error, EXIT_FAILED)
     click.echo(f"compacted {len(done.shards)} shard(s) ({done.bytes_before} bytes) into {len(done.new_shards)} "
                f"({done.bytes_after} bytes), {done.rows} live rows moved")
 
@@ -296,8 +292,7 @@ def shards_verify(folder) -> None:
     for problem in problems:
         click.echo(f"broken: {problem}")
     if problems:
-        click.echo(f"vsam shards verify: {len(problems)} problem(s) in {folder}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("shards verify", f"{len(problems)} problem(s) in {folder}", EXIT_FAILED)
     click.echo(f"ok: {folder}" + (" (a prep-pose run is active: its temporary files were not checked)"
                                   if running else ""))
 
@@ -367,15 +362,12 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
         config = resolve_run_config(out, config_file, overrides, resume)
         summary = train_main(config, shards, out, resume=resume, device=device)
     except Busy as error:
-        click.echo(f"vsam train: {error}", err=True)
-        sys.exit(EXIT_BUSY)
+        _fail("train", error, EXIT_BUSY)
     except ConfigError as error:
-        click.echo(f"vsam train: {error}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail("train", error, EXIT_USAGE)
     except (RunFolderError, ShardFormatError, PretrainedWeightsError, CheckpointError, DiskFull, ValueError,
             FloatingPointError) as error:
-        click.echo(f"vsam train: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("train", error, EXIT_FAILED)
     for record in summary["epochs"]:
         val = f", val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
         click.echo(f"epoch {record['epoch']}: train_loss {record['train_loss']:.4f}{val}")
@@ -448,16 +440,14 @@ def eval_command(checkpoint, onnx_model, shards, split, json_out, batch_size, wo
         metrics = evaluate_checkpoint(model_file, shards, split, batch_size=batch_size, device=device,
                                       workers=workers)
     except (EvalError, *_inference_errors()) as error:
-        click.echo(f"vsam eval: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("eval", error, EXIT_FAILED)
     click.echo(f"{metrics['model']} epoch {metrics['epoch']} on {shards} split {split}")
     click.echo(format_table(metrics, per_attribute=per_attribute))
     if json_out:
         try:
             write_json(metrics, json_out)
         except OSError as error:     # a full disk (pose_prep.atomic.DiskFull names the file), a folder not there
-            click.echo(f"vsam eval: {error}", err=True)
-            sys.exit(EXIT_FAILED)
+            _fail("eval", error, EXIT_FAILED)
         click.echo(f"metrics: {json_out}")
 
 
@@ -492,15 +482,12 @@ def predict_command(checkpoint, onnx_model, images, out, threshold, batch_size, 
                                   device=device, workers=workers,
                                   progress=sys.stderr.isatty() if progress is None else progress)
     except _inference_errors() as error:
-        click.echo(f"vsam predict: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("predict", error, EXIT_FAILED)
     click.echo(f"vsam predict: {summary.line()}" + (f" -> {out}" if out != "-" else ""), err=True)
     if summary.n_predicted == 0:
-        click.echo(f"vsam predict: no image under {images} could be predicted", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("predict", f"no image under {images} could be predicted", EXIT_FAILED)
     if strict and summary.n_failed:
-        click.echo("vsam predict: failed: --strict and some files could not be used", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("predict", "failed: --strict and some files could not be used", EXIT_FAILED)
 
 
 @main.command("explain")
@@ -532,12 +519,10 @@ def explain_command(checkpoint, baseline, images, out, attributes, top, limit, p
     except ExplainError as error:
         raise click.UsageError(str(error)) from None
     except _inference_errors() as error:
-        click.echo(f"vsam explain: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("explain", error, EXIT_FAILED)
     click.echo(f"vsam explain: {summary.line()}; open {out}/index.html")
     if summary.n_explained == 0:
-        click.echo(f"vsam explain: no image under {images} could be explained", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("explain", f"no image under {images} could be explained", EXIT_FAILED)
 
 
 @main.command("audit")
@@ -578,8 +563,7 @@ def audit_command(checkpoint, shards, split, out, calibration, top, gallery, bat
     except AuditError as error:
         raise click.UsageError(str(error)) from None
     except (EvalError, *_inference_errors()) as error:
-        click.echo(f"vsam audit: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("audit", error, EXIT_FAILED)
     kinds = ", ".join(f"{n} {kind}" for kind, n in summary["by_kind"].items())
     click.echo(f"vsam audit: {summary['n_items']} items, {summary['n_judged']} labels judged ({kinds}); "
                f"{summary['csv_rows']} rows in {out}/audit.csv; open {out}/index.html")
@@ -611,8 +595,7 @@ def export_command(checkpoint, fmt, out) -> None:
     try:
         result = export_checkpoint(checkpoint, fmt, out)
     except (ExportError, *_inference_errors()) as error:
-        click.echo(f"vsam export: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("export", error, EXIT_FAILED)
     click.echo(f"{result.path}: outputs {', '.join(result.outputs)}; largest difference from the checkpoint "
                f"on a probe batch {result.max_difference:.2g}")
 
@@ -661,11 +644,9 @@ def label_noise(shards, attribute, drop, category, config_file, out, seed, eval_
         report = run(shards, attribute, drop, out, category=category, config_file=config_file, overrides=assignments,
                      seed=seed, eval_split=eval_split, models=names, device=device)
     except ConfigError as error:
-        click.echo(f"vsam experiment label-noise: {error}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail("experiment label-noise", error, EXIT_USAGE)
     except (ExperimentError, PretrainedWeightsError, FloatingPointError, *_inference_errors()) as error:
-        click.echo(f"vsam experiment label-noise: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("experiment label-noise", error, EXIT_FAILED)
     within = f" among {category}" if category else ""
     click.echo(f"{attribute}{within}: {report['dropped']} of {report['train_positives']} training positives dropped; "
                f"{report['eval_positives']} {eval_split} positives")
@@ -737,11 +718,9 @@ def audit_experiment(shards, out, drop_attribute, drop, swap_group, swap, swap_t
                      device=inference_device(device).type, ns=counts, gallery=gallery, command=sys.argv,
                      log=lambda message: click.echo(f"vsam experiment audit: {message}", err=True))
     except ConfigError as error:
-        click.echo(f"vsam experiment audit: {error}", err=True)
-        sys.exit(EXIT_USAGE)
+        _fail("experiment audit", error, EXIT_USAGE)
     except (ExperimentError, *_inference_errors()) as error:
-        click.echo(f"vsam experiment audit: {error}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail("experiment audit", error, EXIT_FAILED)
     click.echo(format_table(report))
     click.echo(f"numbers: {out}/audit_experiment.json  audits: {out}/audit/<model>/index.html")
 
