@@ -37,7 +37,7 @@ from pose_prep.atomic import atomic_path
 
 from .checkpoint import load_for_inference
 from .data import MEAN, STD
-from .inference import OUTPUTS
+from .inference import OUTPUTS, onnx_module
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -137,8 +137,7 @@ def check_same_outputs(exported: list[np.ndarray], expected: list[np.ndarray], n
 
 
 def _write_onnx(model: nn.Module, probe: torch.Tensor, outputs: list[str], info_json: str, path: Path) -> None:
-    import onnx
-
+    onnx = onnx_module("onnx")
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)   # "legacy exporter": chosen, see the module
@@ -160,8 +159,7 @@ def _write_torchscript(model: nn.Module, probe: torch.Tensor, info_json: str, pa
 
 
 def run_onnx(path: str | Path, images: torch.Tensor) -> list[np.ndarray]:
-    import onnxruntime
-
+    onnxruntime = onnx_module("onnxruntime")
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {"images": images.numpy()})
 
@@ -178,8 +176,7 @@ def read_metadata(path: str | Path) -> dict:
     """The "vsam" metadata of an exported file (either format)."""
     path = Path(path)
     if path.suffix == ".onnx":
-        import onnxruntime
-
+        onnxruntime = onnx_module("onnxruntime")
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         return json.loads(session.get_modelmeta().custom_metadata_map["vsam"])
     extra = {"vsam.json": ""}

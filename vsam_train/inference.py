@@ -16,6 +16,7 @@ random images of many sizes, upscaling and downscaling, and real photos).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from functools import lru_cache
@@ -30,13 +31,24 @@ ONNX_SUFFIX = ".onnx"
 OUTPUTS = ("attributes", "category", "attention")
 
 
+def onnx_module(name: str):
+    """`onnx` or `onnxruntime`, imported; when it cannot be, MissingExtra names the extra that brings
+    both (one line, not an ImportError traceback, nor a file blamed for the package missing)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        from .errors import MissingExtra
+
+        raise MissingExtra(f"ONNX files need {name}, from the 'export' extra: pip install 'vsam[export]' "
+                           f"({error})") from None
+
+
 class OnnxModel:
     """An exported model run by onnxruntime on the CPU. `run(batch)`: numpy in, dict of numpy arrays
     out; called with a torch tensor (as `train.evaluate` calls a model), torch tensors out."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        import onnxruntime
-
+        onnxruntime = onnx_module("onnxruntime")
         options = onnxruntime.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -72,6 +84,7 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such ONNX file")
+    onnx_module("onnxruntime")      # missing: MissingExtra, before the file is blamed below
     try:
         model = OnnxModel(path, threads)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot load
