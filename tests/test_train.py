@@ -71,6 +71,31 @@ def test_tiny_training_on_real_shards_lowers_the_loss_and_leaves_a_complete_run_
     assert yaml.safe_load((run / "config.yaml").read_text()) == config
 
 
+def test_validation_logs_liu_and_lus_top_k_recall_not_the_known_only_one():
+    """metrics.jsonl's val_top3_recall, val_top5_recall and their /group entries are vsam eval's
+    top3_recall / top5_recall (Liu & Lu: unknown labels ranked as negatives), on labels whose unknowns
+    make the two protocols differ."""
+    from pose_prep.shard_format import Vocabulary
+    from vsam_train.metrics import top_k_recall, top_k_recall_known_only
+    from vsam_train.train import summarize
+
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, 8)) < 0.3).astype(np.int8)
+    labels[rng.random(labels.shape) < 0.3] = -1
+    scores = rng.random(labels.shape).astype(np.float32)
+    groups = {"g": [0, 1, 2, 3], "h": [4, 5, 6, 7]}
+    vocabulary = Vocabulary(attributes=[f"a{i}" for i in range(8)], attribute_groups=["g"] * 4 + ["h"] * 4)
+    result = {"loss": 1.0, "category_loss": 0.0, "attribute_loss": 1.0, "heatmap_loss": 0.0, "n_items": 40,
+              "attention_mse": None, "attribute_scores": scores, "attribute_labels": labels,
+              "category_logits": None, "category_labels": np.full(40, -1)}
+    summary = summarize(result, vocabulary)
+    for k in (3, 5):
+        liu_lu, known_only = top_k_recall(scores, labels, k, groups), top_k_recall_known_only(scores, labels, k, groups)
+        assert liu_lu["all"] != known_only["all"]
+        assert summary[f"val_top{k}_recall"] == liu_lu["all"]
+        assert {group: summary[f"val_top{k}_recall/{group}"] for group in groups} == {g: liu_lu[g] for g in groups}
+
+
 def test_learning_rate_follows_keras_inverse_time_decay():
     model = create_model("vgg16", 0, 3, width=1 / 16, image_size=32)
     optimizer, scheduler = build_optimizer(model, load_config(None, {"optim.decay": 0.01}))
