@@ -341,8 +341,6 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
 
     Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config, 75
     another `vsam train` is running in --out (one run per folder; try again later)."""
-    import os
-
     from pose_prep.atomic import DiskFull
     from pose_prep.lock import Busy
     from pose_prep.shard_format import ShardFormatError
@@ -409,7 +407,7 @@ def _inference_errors():
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.errors import CheckpointError     # torch-free: predict --model never imports torch
 
-    return CheckpointError, ShardFormatError, FileNotFoundError, ValueError, RuntimeError, OSError
+    return CheckpointError, ShardFormatError, ValueError, RuntimeError, OSError
 
 
 @main.command("eval")
@@ -553,6 +551,7 @@ def audit_command(checkpoint, shards, split, out, calibration, top, gallery, bat
 
     Exit codes: 0 done, 1 the checkpoint or shards cannot be used (unreadable, other vocabulary,
     empty split), 2 bad options (an --out that holds other files)."""
+    from pose_prep.images import printable_name
     from vsam_train.audit import AuditError, run
     from vsam_train.evaluate import EvalError
 
@@ -570,13 +569,7 @@ def audit_command(checkpoint, shards, split, out, calibration, top, gallery, bat
     for row in summary["overall_top"][:10]:
         suggested = f" -> {row['suggested']}" if row["suggested"] else ""
         click.echo(f"{row['rank']:>6}  {row['score']:.3f}  {row['kind']:<7}  {row['attribute']}={row['label']}"
-                   f"{suggested}  {_printable(row['path'])}")
-
-
-def _printable(name: str) -> str:
-    from pose_prep.images import printable_name
-
-    return printable_name(name)
+                   f"{suggested}  {printable_name(row['path'])}")
 
 
 @main.command("export")
