@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +16,6 @@ from vsam_train.errors import CheckpointError
 from vsam_train.inference import load_onnx, preprocess_array, resize_antialiased
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_preprocess_array_is_data_preprocess_bit_for_bit():
@@ -76,20 +73,27 @@ def test_files_that_are_not_vsam_exports_are_named(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
 
 
-def test_a_missing_onnx_package_is_one_line_naming_the_extra(tiny_checkpoint, tiny_onnx, df_val_images, tmp_path):
-    """Real processes in which importing onnxruntime (predict --model) or onnx (export --format onnx)
-    fails as it does for a package that is not installed: one line naming the package and the
-    'export' extra, exit 1, nothing written (predict blamed the file; export ended in a traceback)."""
+def test_a_missing_onnx_package_is_one_line_naming_the_extra(tiny_checkpoint, tiny_onnx, df_val_images, tmp_path,
+                                                            monkeypatch):
+    """Importing onnxruntime (predict --model) or onnx (export --format onnx) fails as it does for a
+    package that is not installed (None in sys.modules: Python's own import refusal): one line naming
+    the package and the 'export' extra, exit 1, nothing written (predict blamed the file; export
+    ended in a traceback)."""
+    from click.testing import CliRunner
+
+    from cli import EXIT_FAILED, main
+
     out = tmp_path / "out"
     out.mkdir()
     runs = {"onnxruntime": ["predict", "--model", str(tiny_onnx), "--images", str(df_val_images),
                             "--out", str(out / "p.jsonl")],
             "onnx": ["export", "--checkpoint", str(tiny_checkpoint), "--format", "onnx", "--out", str(out / "m.onnx")]}
     for module, arguments in runs.items():
-        script = f"import sys\nsys.modules[{module!r}] = None\nfrom cli import main\nmain({arguments!r})\n"
-        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-        lines = done.stderr.splitlines()
-        assert done.returncode == 1 and len(lines) == 1, done.stderr
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, module, None)
+            result = CliRunner().invoke(main, arguments)
+        lines = result.output.splitlines()
+        assert result.exit_code == EXIT_FAILED and len(lines) == 1, result.output
         assert lines[0].startswith(f"vsam {arguments[0]}: ONNX files need {module}, from the 'export' extra: "
                                    "pip install 'vsam[export]' ("), lines[0]
         assert list(out.iterdir()) == []
