@@ -61,8 +61,7 @@ def pose(images, out, detector, jobs, overlays, progress) -> None:
     Writes one OpenPose JSON file per photo (an empty people list when nobody is found). A bad file
     gets one line (file and reason) on stderr and in OUT/pose_failures.jsonl, and the run goes on.
     The last line counts images, with a person, without, failed. Exit code 0; 1 when no image
-    could be processed."""
-    from pose_prep.atomic import DiskFull
+    could be processed or an output cannot be written (a full disk, an --out under a file)."""
     from pose_prep.detectors import DetectorUnavailable
     from pose_prep.pose import FAILURES_FILE, run
 
@@ -70,10 +69,10 @@ def pose(images, out, detector, jobs, overlays, progress) -> None:
     try:
         summary = run(images, out, detector_name=detector, jobs=jobs, overlays=overlays,
                       progress=sys.stderr.isatty() if progress is None else progress)
-    except DiskFull as error:
-        _fail("pose", error, EXIT_FAILED)
     except (ValueError, FileNotFoundError, DetectorUnavailable) as error:
         raise click.UsageError(str(error)) from None
+    except OSError as error:    # an output that cannot be written: a full disk (DiskFull), --out under a file
+        _fail("pose", error, EXIT_FAILED)
     where = f" (failures listed in {out}/{FAILURES_FILE})" if summary.failed else ""
     click.echo(f"vsam pose: {summary.line()}{where}")
     if summary.nothing_processed:
@@ -183,7 +182,6 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     from pathlib import Path
 
     from pose_prep import lock
-    from pose_prep.atomic import DiskFull
     from pose_prep.images import printable_name
     from pose_prep.labels import LabelError
     from pose_prep.prep import PrepError, PrepOptions, run
@@ -202,7 +200,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
         report = run(options)
     except lock.Busy as error:
         _fail("prep-pose", error, EXIT_BUSY)
-    except (LabelError, PrepError, ShardFormatError, DiskFull) as error:
+    except (LabelError, PrepError, ShardFormatError, OSError) as error:   # OSError: a full disk, --out under a file
         _fail("prep-pose", error, EXIT_FAILED)
     for rejected in report.rejected:     # one line each, whatever the name holds (a newline: \n)
         click.echo(f"rejected: {printable_name(rejected['path'])}: {rejected['reason']}", err=True)
@@ -262,7 +260,6 @@ def shards_compact(folder, below, shard_size) -> None:
     Exit codes: 0 done, 1 the collection is damaged (nothing moved from a damaged shard), 75 a prep-pose
     run holds the folder."""
     from pose_prep import lock
-    from pose_prep.atomic import DiskFull
     from pose_prep.compaction import compact
     from pose_prep.shard_format import ShardFormatError, index_path, open_index
 
@@ -274,7 +271,7 @@ def shards_compact(folder, below, shard_size) -> None:
             done = compact(folder, connection, shard_size, below / 100)
     except lock.Busy as error:
         _fail("shards compact", error, EXIT_BUSY)
-    except (ShardFormatError, DiskFull) as error:
+    except (ShardFormatError, OSError) as error:      # OSError: a full disk (DiskFull names the file)
         _fail("shards compact", error, EXIT_FAILED)
     click.echo(f"compacted {len(done.shards)} shard(s) ({done.bytes_before} bytes) into {len(done.new_shards)} "
                f"({done.bytes_after} bytes), {done.rows} live rows moved")
@@ -341,7 +338,6 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
 
     Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config, 75
     another `vsam train` is running in --out (one run per folder; try again later)."""
-    from pose_prep.atomic import DiskFull
     from pose_prep.lock import Busy
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.checkpoint import CheckpointError
@@ -363,8 +359,8 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
         _fail("train", error, EXIT_BUSY)
     except ConfigError as error:
         _fail("train", error, EXIT_USAGE)
-    except (RunFolderError, ShardFormatError, PretrainedWeightsError, CheckpointError, DiskFull, ValueError,
-            FloatingPointError) as error:
+    except (RunFolderError, ShardFormatError, PretrainedWeightsError, CheckpointError, OSError, ValueError,
+            FloatingPointError) as error:     # OSError: a full disk (DiskFull), an --out that cannot be made
         _fail("train", error, EXIT_FAILED)
     for record in summary["epochs"]:
         val = f", val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
