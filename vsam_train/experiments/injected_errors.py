@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..audit import CALIBRATIONS, rank_labels, score_split, write_audit
+from ..audit import CALIBRATIONS, Ranking, rank_labels, score_split, write_audit
 from ..config import load_config
 from ..data import read_collection
 from ..evaluate import write_json
@@ -135,10 +135,12 @@ def curve_summary(found: np.ndarray, n_errors: int, ns: tuple[int, ...]) -> dict
 
 
 def score_methods(scores: np.ndarray, labels: np.ndarray, vocabulary, paths: list[str], errors: list[dict],
-                  ns: tuple[int, ...], seed: int = 0, targets: dict[str, list[int]] | None = None) -> dict:
+                  ns: tuple[int, ...], seed: int = 0, targets: dict[str, list[int]] | None = None,
+                  ranked: dict[str, Ranking] | None = None) -> dict:
     """Every method of METHODS on the same judged rows: curve_summary overall, per error kind
     ("by_kind") and per error kind over the rows of its `targets` attributes only ("within");
-    "random": the mean of the summaries of RANDOM_DRAWS seeded orders."""
+    "random": the mean of the summaries of RANDOM_DRAWS seeded orders. `ranked`: rankings already
+    made by rank_labels of these scores and paths, by method (the audit's own), not made again."""
     names = vocabulary.attributes
     groups = {"all": errors, **{kind: [e for e in errors if e["kind"] == kind] for kind in ("dropped", "swapped")}}
 
@@ -155,7 +157,9 @@ def score_methods(scores: np.ndarray, labels: np.ndarray, vocabulary, paths: lis
 
     results, rows = {}, None
     for method in CALIBRATIONS:
-        ranking = rank_labels(scores, labels, vocabulary, calibration=method, paths=paths)
+        ranking = (ranked or {}).get(method)
+        if ranking is None:
+            ranking = rank_labels(scores, labels, vocabulary, calibration=method, paths=paths)
         rows = ranking if rows is None else rows
         results[method] = summaries(ranking.item, ranking.attribute)
     draws = [np.random.default_rng([seed, 2, draw]).permutation(len(rows)) for draw in range(RANDOM_DRAWS)]
@@ -216,7 +220,7 @@ def run(shards: str | Path, out: str | Path, *, drop_attribute: str, drop: float
             "checkpoint": str(checkpoint), "audit": str(audit_folder),
             "val": trained["per_run"].get(variant.name, {}).get(str(seed), {}),
             "methods": score_methods(audited.scores, audited.labels, audited.vocabulary, audited.paths, errors, ns,
-                                     seed, targets)}
+                                     seed, targets, ranked={CALIBRATIONS[0]: audited.ranking})}
     write_json(report, out / JSON_NAME)
     (out / TABLE_NAME).write_text(format_table(report) + "\n", encoding="utf-8")
     return report
