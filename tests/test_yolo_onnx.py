@@ -78,6 +78,21 @@ def test_an_unusable_cache_falls_back_to_the_torch_path_and_says_so(tmp_path, mo
     assert "yolo: ultralytics' torch path instead of onnxruntime: exporting yolo11n-pose.pt" in capfd.readouterr().err
 
 
+def test_a_damaged_cached_export_falls_back_to_the_torch_path_and_names_the_file(yolo_detector, tmp_path,
+                                                                                monkeypatch, capfd):
+    weights = yolo.weights_path()
+    digest = yolo._short_digest(weights)
+    export = yolo.onnx_path(weights, digest).read_bytes()     # the real export (yolo_detector made it)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    damaged = yolo.onnx_path(weights, digest)
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(export[:len(export) // 2])            # cut in half, as a full disk or a copy leaves it
+    detector = yolo.Yolo(runtime="onnx")
+    assert detector.runtime == "torch" and detector.version.startswith("ultralytics-")
+    assert (f"yolo: ultralytics' torch path instead of onnxruntime: onnxruntime cannot load {damaged} "
+            in capfd.readouterr().err)
+
+
 def test_the_runtime_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(yolo.RUNTIME_ENV, "torch")
     assert yolo.check_runtime(None) == "torch" and yolo.check_runtime("onnx") == "onnx"

@@ -15,7 +15,7 @@ The runtime (environment variable VSAM_YOLO_RUNTIME, default "onnx"):
   no torch, no ultralytics in the process, 1.4× less CPU per photo and far less start-up.
 * "torch": ultralytics' `YOLO.predict`, as before. Also what runs when the ONNX path cannot be had
   (onnx or onnxruntime missing, an export that fails or differs, a cache folder that cannot be
-  written): one line on stderr says why.
+  written, a cached export onnxruntime cannot load): one line on stderr says why.
 
 `version` says which one ran ("onnxruntime-…" or "ultralytics-…"): prep-pose records it in the shard
 metadata, pose-eval prints it.
@@ -104,6 +104,19 @@ def cached_onnx(weights: Path, digest: str) -> Path:
     if not target.is_file():
         export_onnx(weights, target)
     return target
+
+
+def onnx_session(weights: Path, digest: str):
+    """A yolo_onnx.PoseSession of the cached export of `weights` (made first when missing). A cached
+    file onnxruntime cannot load (damaged on disk) is OnnxUnavailable naming it."""
+    from .yolo_onnx import PoseSession
+
+    path = cached_onnx(weights, digest)
+    try:
+        return PoseSession(path)
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types (InvalidProtobuf, Fail, ...)
+        raise OnnxUnavailable(f"onnxruntime cannot load {path} ({type(error).__name__}): delete it and the next "
+                              "run exports it again") from None
 
 
 def export_onnx(weights: Path, target: Path) -> None:
@@ -203,9 +216,7 @@ class Yolo:
         self._model = None
         if self.runtime == "onnx":
             try:
-                from .yolo_onnx import PoseSession
-
-                self._model = PoseSession(cached_onnx(weights, digest))
+                self._model = onnx_session(weights, digest)
                 import onnxruntime
                 library = f"onnxruntime-{onnxruntime.__version__}"
             except OnnxUnavailable as error:
