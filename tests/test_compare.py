@@ -1,5 +1,5 @@
+import importlib.util
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -38,42 +38,58 @@ def test_differences_are_paired_by_seed_and_std_is_the_sample_std():
     assert "| a - b | 2 | +0.090 ± 0.014" in table and "b - a" not in table
 
 
-def _compare(df_shards, out, *variants, extra=()):
-    command = [sys.executable, str(REPO_ROOT / "benchmarks" / "compare.py"), "--shards", str(df_shards),
-               "--out", str(out), "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--seeds", "0,1",
-               "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2", "--set", "data.max_val_batches=1",
-               "--set", "train.batch_size=8", "--set", "data.num_workers=0",
-               *[arg for v in variants for arg in ("--variant", v)], *extra]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+def _script():
+    """benchmarks/compare.py as a module: its main runs in this process (the runs are child processes
+    all the same), which spares each call a Python that imports torch only to read the labels."""
+    spec = importlib.util.spec_from_file_location("compare_script", REPO_ROOT / "benchmarks" / "compare.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compare(df_shards, out, *variants, capsys, monkeypatch, extra=()):
+    """benchmarks/compare.py's main on a toy comparison: (exit code, stdout, stderr)."""
+    arguments = ["--shards", str(df_shards), "--out", str(out), "--config", str(REPO_ROOT / "configs" / "tiny.yaml"),
+                 "--seeds", "0,1", "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=2",
+                 "--set", "data.max_val_batches=1", "--set", "train.batch_size=8", "--set", "data.num_workers=0",
+                 *[arg for v in variants for arg in ("--variant", v)], *extra]
+    monkeypatch.setattr(sys, "argv", [str(REPO_ROOT / "benchmarks" / "compare.py"), *arguments])
+    capsys.readouterr()
+    code = _script().main(arguments)
+    output = capsys.readouterr()
+    return code, output.out, output.err
 
 
 @pytest.mark.slow
-def test_the_comparison_trains_evaluates_summarises_and_continues_where_it_stopped(df_shards, tmp_path):
+def test_the_comparison_trains_evaluates_summarises_and_continues_where_it_stopped(df_shards, tmp_path, capsys,
+                                                                                    monkeypatch):
     out = tmp_path / "compare"
-    done = _compare(df_shards, out, "vgg16", "vsam", extra=("--json", str(tmp_path / "result.json")))
-    assert done.returncode == 0, done.stdout + done.stderr
+    code, stdout, stderr = _compare(df_shards, out, "vgg16", "vsam", capsys=capsys, monkeypatch=monkeypatch,
+                                    extra=("--json", str(tmp_path / "result.json")))
+    assert code == 0, stdout + stderr
     data = json.loads((tmp_path / "result.json").read_text())
     assert set(data["per_run"]) == {"vgg16", "vsam"} and set(data["per_run"]["vsam"]) == {"0", "1"}
     assert data["models"]["vsam"]["group_top1"]["n"] == 2
     assert "attention_correlation" in data["models"]["vsam"] and "attention_correlation" not in data["models"]["vgg16"]
     assert data["differences"]["vsam - vgg16"]["group_top1"]["n"] == 2
-    assert "| vsam - vgg16 | 2 |" in done.stdout
+    assert "| vsam - vgg16 | 2 |" in stdout
     assert len(data["git_commit"]) == 40
-    assert 0 < data["majority"]["group_top1"] < 1 and "| majority (train rates) | – | " in done.stdout
+    assert 0 < data["majority"]["group_top1"] < 1 and "| majority (train rates) | – | " in stdout
     evaluated = json.loads((out / "runs" / "vsam" / "seed-1" / "eval.json").read_text())
     assert evaluated["split"] == "val" and evaluated["model"] == "vsam" and evaluated["epoch"] == 1
 
     (out / "runs" / "vsam" / "seed-1" / "eval.json").unlink()      # as if killed before its evaluation
-    again = _compare(df_shards, out, "vgg16", "vsam")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "3 of 4 runs already evaluated; 1 to do" in again.stdout
-    assert again.stdout.count("start ") == 1 and "start vsam seed 1" in again.stdout
+    code, stdout, stderr = _compare(df_shards, out, "vgg16", "vsam", capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 0, stdout + stderr
+    assert "3 of 4 runs already evaluated; 1 to do" in stdout
+    assert stdout.count("start ") == 1 and "start vsam seed 1" in stdout
 
 
-def test_a_run_that_fails_is_named_with_its_log_and_the_comparison_exits_1(df_shards, tmp_path):
-    done = _compare(df_shards, tmp_path / "compare", "broken=vsam,train.batch_size=100000", extra=("--seeds", "0"))
-    assert done.returncode == 1
-    assert "FAILED (exit 1" in done.stdout and "broken seed 0" in done.stdout
+def test_a_run_that_fails_is_named_with_its_log_and_the_comparison_exits_1(df_shards, tmp_path, capsys, monkeypatch):
+    code, stdout, _ = _compare(df_shards, tmp_path / "compare", "broken=vsam,train.batch_size=100000", capsys=capsys,
+                               monkeypatch=monkeypatch, extra=("--seeds", "0"))
+    assert code == 1
+    assert "FAILED (exit 1" in stdout and "broken seed 0" in stdout
     log = (tmp_path / "compare" / "runs" / "broken" / "seed-0" / "run.log").read_text()
     assert "fewer than one batch of 100000" in log and "Traceback" not in log
 
