@@ -38,11 +38,6 @@ def _watch(parent_pid: int) -> None:
     os._exit(EXIT_ORPHANED)
 
 
-def watchdog_initializer():
-    """(initializer, initargs) for a pool whose workers are children of this process."""
-    return exit_with_parent, (os.getpid(),)
-
-
 def loader_worker_init():
     """`worker_init_fn` for a torch DataLoader started by this process."""
     return partial(exit_with_parent, os.getpid())
@@ -52,5 +47,4 @@ def loky_parallel(n_jobs: int, **options):
     """joblib.Parallel on loky whose workers end with this process (see the module docstring)."""
     from joblib import Parallel
 
-    initializer, initargs = watchdog_initializer()
-    return Parallel(n_jobs=n_jobs, backend="loky", initializer=initializer, initargs=initargs, **options)
+    return Parallel(n_jobs=n_jobs, backend="loky", initializer=exit_with_parent, initargs=(os.getpid(),), **options)
