@@ -252,7 +252,8 @@ def shards_list(folder) -> None:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--below", default=50, show_default=True, type=click.IntRange(1, 100), metavar="PERCENT",
               help="Rewrite every shard with at most this share of live rows.")
-@click.option("--shard-size", type=click.IntRange(1), help="Rows per new shard (default: as many as the largest shard holds).")
+@click.option("--shard-size", type=click.IntRange(1),
+              help="Rows per new shard (default: as many as the largest shard holds).")
 def shards_compact(folder, below, shard_size) -> None:
     """Rewrite the shards at most --below live, crash-safe (prep-pose does it at the end of each run).
 

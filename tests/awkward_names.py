@@ -3,8 +3,9 @@
 `make_awkward_name_folder(folder)` writes one small real photo (matplotlib's Grace Hopper) under
 each name of AWKWARD_NAMES (valid UTF-8: every command must process them) and of NOT_UTF8 (raw
 bytes that are not valid UTF-8, as a Latin-1 or Windows-1252 tool writes them: every command must
-reject each with one line and go on), and an empty file under EMPTY_FILE (a name with a newline). It returns {relative path: None, or the rejection reason},
-a rejected path written as outputs write it (its undecodable bytes as \\xNN escapes).
+reject each with one line and go on), and an empty file under EMPTY_FILE (a name with a newline).
+It returns {relative path: None, or the rejection reason}, a rejected path written as outputs write
+it (its undecodable bytes as \\xNN escapes).
 """
 from __future__ import annotations
 

@@ -138,7 +138,8 @@ def export_onnx(weights: Path, target: Path) -> None:
     except OnnxUnavailable:
         raise
     except Exception as error:  # noqa: BLE001 - any failure to export means: use the torch path
-        raise OnnxUnavailable(f"exporting {weights.name} to {target} failed ({type(error).__name__}: {error})") from None
+        raise OnnxUnavailable(f"exporting {weights.name} to {target} failed "
+                              f"({type(error).__name__}: {error})") from None
 
 
 @contextlib.contextmanager
@@ -167,7 +168,8 @@ def check_export(torch_model, exported: Path) -> None:
     _, scores, keypoints = PoseSession(exported).predict(rgb, MIN_BOX_SCORE)
     want_keypoints, want_scores = want.keypoints.data.cpu().numpy(), want.boxes.conf.cpu().numpy()
     if len(scores) != len(want_scores):
-        raise OnnxUnavailable(f"the ONNX export finds {len(scores)} people on bus.jpg, the torch path {len(want_scores)}")
+        raise OnnxUnavailable(f"the ONNX export finds {len(scores)} people on bus.jpg, "
+                              f"the torch path {len(want_scores)}")
     xy = float(np.abs(keypoints[..., :2] - want_keypoints[..., :2]).max(initial=0))
     score = float(max(np.abs(scores - want_scores).max(initial=0),
                       np.abs(keypoints[..., 2] - want_keypoints[..., 2]).max(initial=0)))
