@@ -24,6 +24,7 @@ attribute and index-row checksums.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import sqlite3
@@ -199,7 +200,11 @@ def _label_problem(arrays: dict[str, np.ndarray], vocabulary: Vocabulary) -> str
 
 
 def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadata) -> None:
-    """Write a complete shard atomically: temporary file, fsync, rename, fsync of the folder."""
+    """Write a complete shard atomically: temporary file, fsync, rename, fsync of the folder.
+
+    The HDF5 file is built in memory and written in one go: on a full disk, HDF5 writing to the file
+    itself fails while it flushes its metadata (a RuntimeError, then a traceback on stderr for every
+    object it frees), where a plain write raises ENOSPC, which atomic_path reports in one line."""
     path = Path(path)
     if not items:
         raise ValueError("a shard holds at least one item")
@@ -212,7 +217,8 @@ def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadat
     problem = _label_problem(arrays, metadata.vocabulary)
     if problem:
         raise ValueError(f"{path}: {problem}")
-    with atomic_path(path, durable=True, single_writer=True) as temporary, h5py.File(temporary, "w") as f:
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
         for name in ITEM_DATASETS:
             array = arrays[name]
             if name == "path":
@@ -237,6 +243,8 @@ def write_shard(path: str | Path, items: list[ShardItem], metadata: ShardMetadat
         f.attrs["checksums"] = json.dumps({name: _checksum(arrays[name]) for name in ITEM_DATASETS}, sort_keys=True)
         # Of the attributes as they read back (types included), so that a reader computes the same.
         f.attrs[ATTRIBUTES_CHECKSUM] = _attributes_checksum(dict(f.attrs.items()))
+    with atomic_path(path, durable=True, single_writer=True) as temporary:
+        temporary.write_bytes(image.getbuffer())
 
 
 @contextmanager

@@ -41,3 +41,11 @@ def grow(folder: Path, size: str) -> None:
     """Give the mounted tmpfs more room (the files on it stay): the disk was freed."""
     result = _mount("-o", f"remount,size={size}", str(folder))
     assert result.returncode == 0, result.stderr
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """A ballast file that leaves about `leave` bytes free on the disk of `folder`; deleting it frees the disk."""
+    stat = os.statvfs(folder)
+    ballast = folder / "ballast"
+    ballast.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+    return ballast

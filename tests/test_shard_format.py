@@ -15,8 +15,10 @@ import pytest
 from PIL import Image
 
 from pose_prep import shard_format as sf
+from pose_prep.atomic import DiskFull
 from pose_prep.keypoints import NUM_JOINTS
 from shard_faults import flip_at, flip_byte, flip_text, object_header, rewrite_value
+from small_disk import fill
 
 
 def _jpeg(colour: int) -> bytes:
@@ -370,3 +372,23 @@ def test_a_flip_in_a_compressed_heatmap_chunk_is_caught_on_every_read(tmp_path):
         first, second = sf.verify_shard(path), sf.verify_shard(path)
         assert first == second and len(first) == 1 and "dataset heatmap unreadable" in first[0], (position, first)
         path.write_bytes(pristine)
+
+
+def test_a_shard_written_on_a_full_disk_is_disk_full_at_every_fill_level(tmp_path, small_disk, monkeypatch):
+    """Written by HDF5 itself, a shard whose data fit but whose metadata did not failed while HDF5 flushed
+    at close: a RuntimeError, and a traceback on stderr for every object freed after it. Built in
+    memory, it is one write: DiskFull naming the shard, whatever room there was, and nothing left."""
+    items = _items(3)
+    sf.write_shard(tmp_path / "shard-000001.h5", items, METADATA)
+    size = (tmp_path / "shard-000001.h5").stat().st_size
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    path = small_disk / "shard-000001.h5"
+    for leave in range(0, size - 4096, 512):
+        ballast = fill(small_disk, leave)
+        with pytest.raises(DiskFull, match=re.escape(f"no space left on device: {path}")):
+            sf.write_shard(path, items, METADATA)
+        assert sorted(small_disk.iterdir()) == [ballast] and unraisable == [], leave
+        ballast.unlink()
+    sf.write_shard(path, items, METADATA)
+    assert sf.verify_shard(path) == []
