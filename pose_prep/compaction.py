@@ -21,8 +21,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .shard_format import (FileRecord, Shard, ShardFormatError, ShardMetadata, Vocabulary, _check_index, _table_rows,
-                           commit_shard, file_records, next_shard_number, remove_orphans, shard_name, write_shard)
+from .shard_format import (FileRecord, Shard, ShardFormatError, ShardMetadata, _check_index, _table_rows, commit_shard,
+                           file_records, next_shard_number, remove_orphans, shard_name, write_shard)
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -86,7 +86,7 @@ def compact(folder: str | Path, connection: sqlite3.Connection, shard_size: int 
 def _metadata(shard: Shard) -> ShardMetadata:
     """The metadata the shard was written with: its rows keep exactly what they were written under."""
     attrs = shard.attrs()
-    return ShardMetadata(vocabulary=Vocabulary.parse(attrs["vocabulary"], shard.path), heatmap=shard.heatmap_params,
+    return ShardMetadata(vocabulary=shard.vocabulary, heatmap=shard.heatmap_params,
                          detector=attrs["detector"], detector_version=attrs["detector_version"],
                          image_encoding=json.loads(attrs["image_encoding"]))
 
