@@ -1,7 +1,7 @@
-"""Compaction: a shard whose live share falls below a threshold is rewritten, so that shards shrink.
+"""Compaction: a shard whose live share falls to a threshold is rewritten, so that shards shrink.
 
 Rows of deleted, changed or relabelled images stay in their shard file (shards are immutable); only the
-index stops pointing at them. A shard in which fewer than `threshold` of the rows are live (default
+index stops pointing at them. A shard in which at most `threshold` of the rows are live (default
 `DEFAULT_THRESHOLD`, 50%) is a *candidate*: its live rows, read and checked whole (`Shard.item`), are
 written unchanged (the same bytes, labels, keypoints and heatmap, under the metadata the source shard
 was written with) into new shards of `shard_size` rows, each written atomically and committed in one
@@ -38,7 +38,7 @@ class Compaction:
 
 
 def candidates(connection: sqlite3.Connection, threshold: float) -> dict[int, int]:
-    """Shard id → live rows, of the shards whose live share is below `threshold` (and above 0: a shard
+    """Shard id → live rows, of the shards whose live share is at most `threshold` (and above 0: a shard
     without live rows is dead, for `remove_orphans`). One grouped query: quick on an unchanged run."""
     if threshold <= 0:
         return {}
