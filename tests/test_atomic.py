@@ -172,8 +172,8 @@ def test_disk_full_names_the_file_and_survives_a_worker_process_boundary():
 def test_train_on_a_full_disk_says_so_in_one_line_and_resume_goes_on(df_shards, small_disk):
     run_dir = small_disk / "run"
     last = run_dir / "checkpoints" / "last.pt"
-    settings = ["train.epochs=3", "train.batch_size=16", "train.keep_epoch_checkpoints=false", "data.num_workers=0",
-                "data.max_val_batches=1"]
+    settings = ["train.epochs=3", "train.batch_size=16", "train.max_steps_per_epoch=1",   # epochs of one step
+                "train.keep_epoch_checkpoints=false", "data.num_workers=0", "data.max_val_batches=1"]
     command = ["train", "--shards", str(df_shards), "--out", str(run_dir), "--config", str(TINY), "--device", "cpu",
                *[arg for s in settings for arg in ("--set", s)]]
     # 1600 KiB hold one ~1 MB checkpoint but not a second one beside it: epoch 2's save fails.
