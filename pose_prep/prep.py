@@ -475,7 +475,6 @@ def _default_detector(out: Path) -> str:
     """Without --detector: the detector the collection was built with (so a new package default never
     silently reprocesses a whole catalog on the next cron run), else the package default."""
     from .detectors import DEFAULT
-    from .shard_format import index_path
 
     if index_path(out).exists():
         with open_index(out, readonly=True) as connection:
@@ -677,13 +676,12 @@ def failure(report: Report, strict: bool) -> str | None:
     return None
 
 
-
 def catalog_problems(out: str | os.PathLike, images: str | os.PathLike, splits: tuple[str, ...] | None = None,
                      labels: Labels | None = None) -> list[str]:
     """Exactly-once audit of a finished collection against its catalog: every readable image under
     `images` is live exactly once with the sha256 of its current bytes, nothing else is live, and
     `shard_format.verify_collection` finds nothing. Returns the problems (empty when sound)."""
-    from .shard_format import index_path, live_items, verify_collection
+    from .shard_format import live_items, verify_collection
 
     problems = verify_collection(out)
     live: dict[str, list[dict]] = {}
