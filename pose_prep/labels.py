@@ -100,10 +100,14 @@ class Labels:
 
     def joint_group(self, item: ItemLabels) -> str:
         """Heatmap joint subset of an item: by its category type; the full body without one."""
-        types = self.vocabulary.category_types
-        if item.category >= 0 and item.category < len(types):
-            return group_for_category_type(types[item.category])
-        return DEFAULT_GROUP
+        return category_joint_group(self.vocabulary, item.category)
+
+
+def category_joint_group(vocabulary: Vocabulary, category: int) -> str:
+    """Heatmap joint subset of an item of `category` (-1: unknown) under `vocabulary`: by the category's
+    type; the full body without one."""
+    types = vocabulary.category_types
+    return group_for_category_type(types[category]) if 0 <= category < len(types) else DEFAULT_GROUP
 
 
 @dataclass

@@ -42,8 +42,7 @@ from .cluster import DEFAULT_WORKER_WAIT, ClusterError, map_on_cluster
 from .compaction import DEFAULT_THRESHOLD, compact
 from .atomic import DiskFull, atomic_write_text, reporting_disk_full
 from .images import CatalogImage, catalog_images, printable_name
-from .heatmaps import group_for_category_type
-from .labels import ItemLabels, Labels, read_labels, unlabelled
+from .labels import ItemLabels, Labels, category_joint_group, read_labels, unlabelled
 from .prep_worker import Processed, Settings, Task, process, render_heatmap
 from .shard_format import (FileRecord, Shard, ShardItem, ShardMetadata, commit_shard, count_live, file_records,
                            get_meta, index_path, next_shard_number, open_index, record_files, rejected_files, remove_orphans,
@@ -599,13 +598,11 @@ def _copy_rows(entries: list[Entry], labels: Labels, settings: Settings, writer:
     for shard_id, copies in sorted(by_shard.items()):
         with Shard(out / shard_name(shard_id)) as shard:
             same_heatmaps = shard.heatmap_params == heatmap
-            types = shard.vocabulary.category_types
             for entry in copies:
                 stored = shard.item(entry.copy_from.row)
                 # The stored heatmap is the one _item_and_record would render when the parameters and
                 # the joint subset (from the category type) are the same: keep it.
-                group = group_for_category_type(types[stored.category]) if 0 <= stored.category < len(types) \
-                    else heatmaps.DEFAULT_GROUP
+                group = category_joint_group(shard.vocabulary, stored.category)
                 result = Processed(entry.relative, sha256=stored.sha256, image=stored.image,
                                    keypoints=stored.keypoints, width=stored.width, height=stored.height,
                                    heatmap=stored.heatmap if same_heatmaps else None,
