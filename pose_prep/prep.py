@@ -382,10 +382,15 @@ def _collection_totals(report: Report, out: Path) -> None:
     itself may be what failed)."""
     try:
         with open_index(out, readonly=True) as connection:
-            report.items_total = count_live(connection)
-            report.rejected_total = len(rejected_files(connection))
+            _totals(report, connection)
     except Exception:  # noqa: BLE001 - the report says what is known; the run's own error is raised
         pass
+
+
+def _totals(report: Report, connection) -> None:
+    """The report's items_total and rejected_total: live and rejected files in the index now."""
+    report.items_total = count_live(connection)
+    report.rejected_total = len(rejected_files(connection))
 
 
 def _finish(report: Report, started: float, code: int) -> None:
@@ -410,8 +415,8 @@ def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Lab
         report.error = _retire_refusal(images, _retire_limit(options.max_retire), records, deleted,
                                        scanned=len(entries) + report.counts["excluded"], report=report)
         if report.error:                  # before any change: no leftover removed, nothing retired or written
-            report.status, report.items_total = "refused", count_live(connection)
-            report.rejected_total = len(rejected_files(connection))
+            report.status = "refused"
+            _totals(report, connection)
             return
         report.removed_leftovers = [p.name for p in remove_orphans(out, connection)]
         retire_files(connection, deleted)
@@ -432,8 +437,7 @@ def _run_locked(options: PrepOptions, settings: Settings, out: Path, labels: Lab
         report.compaction = asdict(compact(out, connection, options.shard_size, options.compact_below))
         remove_orphans(out, connection)
         report.retired_kept = [p.name for p in leases.retired_files(out)]
-        report.items_total = count_live(connection)
-        report.rejected_total = len(rejected_files(connection))
+        _totals(report, connection)
 
 
 def _seen_gone(records: dict[str, FileRecord], entries: list[Entry], report: Report) -> list[str]:
