@@ -258,9 +258,10 @@ def shards_compact(folder, below, shard_size) -> None:
     """Rewrite the shards at most --below live, crash-safe (prep-pose does it at the end of each run).
 
     Old shards are deleted once no running reader holds them (kept in FOLDER/retired/ until then).
-    Exit codes: 0 done, 1 the collection is damaged (nothing moved from a damaged shard), 75 a prep-pose
-    run holds the folder."""
+    Exit codes: 0 done, 1 the collection is damaged (nothing moved from a damaged shard) or the disk is
+    full (one line naming the file; what was committed stays), 75 a prep-pose run holds the folder."""
     from pose_prep import lock
+    from pose_prep.atomic import reporting_disk_full
     from pose_prep.compaction import compact
     from pose_prep.shard_format import ShardFormatError, index_path, open_index
 
@@ -268,7 +269,8 @@ def shards_compact(folder, below, shard_size) -> None:
         _fail("shards compact", f"{index_path(folder)}: no shard index here (is {folder} a `vsam prep-pose` "
               "output folder?)", EXIT_FAILED)
     try:
-        with lock.exclusive(folder), open_index(folder) as connection:
+        # reporting_disk_full: SQLite's full disk (SQLITE_FULL, a WAL -shm that cannot grow) as prep-pose says it
+        with reporting_disk_full(index_path(folder)), lock.exclusive(folder), open_index(folder) as connection:
             done = compact(folder, connection, shard_size, below / 100)
     except lock.Busy as error:
         _fail("shards compact", error, EXIT_BUSY)

@@ -22,6 +22,7 @@ from pose_prep import leases, lock
 from pose_prep import shard_format as sf
 from pose_prep.prep import PrepOptions, catalog_problems, run
 from pose_prep.prep_worker import Settings, render_heatmap
+from small_disk import fill
 
 VSAM = str(Path(sys.executable).with_name("vsam"))
 NAMES = sorted(path.name for path in fixture_set.PHOTOS.glob("*.jpg"))[:24]
@@ -116,6 +117,12 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
+def problems_but_leftovers(out: Path, images: Path) -> list[str]:
+    """catalog_problems but the files an interrupted run leaves, which the next run removes."""
+    leftovers = ("shard file not listed in the index", "temporary file of an interrupted run")
+    return [p for p in catalog_problems(out, images) if not any(text in p for text in leftovers)]
+
+
 def test_shards_compact_rewrites_below_its_threshold_and_refuses_a_busy_folder(collection, tmp_path):
     images, out = collection
     gone = delete_first_of_each_shard(images, out)
@@ -131,6 +138,30 @@ def test_shards_compact_rewrites_below_its_threshold_and_refuses_a_busy_folder(c
     assert catalog_problems(out, images) == [] and sf.verify_collection(out) == [] and gone
     result = invoke("shards", "compact", str(tmp_path / "img"))
     assert result.exit_code == EXIT_FAILED and "no shard index here" in result.output
+
+
+def test_shards_compact_on_a_full_disk_says_so_in_one_line_whatever_fills_it(collection, small_disk):
+    """Whichever write finds the disk full (the index's WAL at opening or at a commit, a new shard), the
+    command ends with one line naming the file, exit 1, every row still live once; with room it completes."""
+    images, out = collection
+    delete_first_of_each_shard(images, out)
+    prep(images, out, shard_size=2, max_retire="100%", compact_below=0)
+    before, named = stored(out), set()
+    copy = small_disk / "shards"
+    for leave in range(0, 300_000, 25_000):
+        shutil.copytree(out, copy)
+        ballast = fill(small_disk, leave)
+        result = invoke("shards", "compact", str(copy))
+        assert result.exit_code == EXIT_FAILED and len(result.output.splitlines()) == 1, (leave, result.output)
+        assert result.output.startswith(f"vsam shards compact: no space left on device: {copy}/"), result.output
+        named.add(Path(result.output.split(": ")[-1].strip()).name.split("-")[0])
+        assert stored(copy) == before and problems_but_leftovers(copy, images) == [], leave
+        ballast.unlink()
+        shutil.rmtree(copy)
+    assert named == {"index.sqlite", "shard"}
+    result = invoke("shards", "compact", str(shutil.copytree(out, copy)))      # room again
+    assert result.exit_code == 0 and result.output.startswith("compacted 12 shard(s)"), result.output
+    assert stored(copy) == before and catalog_problems(copy, images) == []
 
 
 @pytest.mark.parametrize("trial", range(3))
@@ -152,8 +183,7 @@ def test_compaction_killed_at_a_random_instant_leaves_every_item_live_once(colle
     process.communicate()
     for shard in out.glob("shard-*.h5"):          # whatever a reader can open is complete
         assert sf.verify_shard(shard) == [], shard
-    leftovers = ("shard file not listed in the index", "temporary file of an interrupted run")
-    assert [p for p in catalog_problems(out, images) if not any(text in p for text in leftovers)] == []
+    assert problems_but_leftovers(out, images) == []
     report = prep(images, out, shard_size=1)       # removes the leftovers, compacts what is still to compact
     assert report.counts["unchanged"] == 12 and catalog_problems(out, images) == []
     assert len(shard_files(out)) == 12             # one live row in each
