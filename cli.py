@@ -263,14 +263,12 @@ def shards_compact(folder, below, shard_size) -> None:
     from pose_prep import lock
     from pose_prep.atomic import reporting_disk_full
     from pose_prep.compaction import compact
-    from pose_prep.shard_format import ShardFormatError, index_path, open_index
+    from pose_prep.shard_format import ShardFormatError, existing_index, open_index
 
-    if not index_path(folder).exists():
-        _fail("shards compact", f"{index_path(folder)}: no shard index here (is {folder} a `vsam prep-pose` "
-              "output folder?)", EXIT_FAILED)
     try:
-        # reporting_disk_full: SQLite's full disk (SQLITE_FULL, a WAL -shm that cannot grow) as prep-pose says it
-        with reporting_disk_full(index_path(folder)), lock.exclusive(folder), open_index(folder) as connection:
+        # existing_index: no lock nor index is created in a folder that is not a collection. reporting_disk_full:
+        # SQLite's full disk (SQLITE_FULL, a WAL -shm that cannot grow) as prep-pose says it.
+        with reporting_disk_full(existing_index(folder)), lock.exclusive(folder), open_index(folder) as connection:
             done = compact(folder, connection, shard_size, below / 100)
     except lock.Busy as error:
         _fail("shards compact", error, EXIT_BUSY)

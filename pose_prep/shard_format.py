@@ -629,6 +629,14 @@ def index_path(folder: str | Path) -> Path:
     return Path(folder) / INDEX_NAME
 
 
+def existing_index(folder: str | Path) -> Path:
+    """`index_path(folder)`, a ShardFormatError when there is no index: `folder` is not a collection."""
+    path = index_path(folder)
+    if not path.exists():
+        raise ShardFormatError(f"{path}: no shard index here (is {folder} a `vsam prep-pose` output folder?)")
+    return path
+
+
 @contextmanager
 def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.Connection]:
     """The collection's index. Writers get one transaction per `with connection:` block.
@@ -636,9 +644,7 @@ def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.C
     A damaged file met inside the block (SQLite: "database disk image is malformed", a text that is
     not UTF-8, a row that does not match its checksum...) is a ShardFormatError naming the index;
     for writers, errors of the machine (disk full, I/O, locked) pass through as they are."""
-    path = index_path(folder)
-    if readonly and not path.exists():
-        raise ShardFormatError(f"{path}: no shard index here (is {folder} a `vsam prep-pose` output folder?)")
+    path = existing_index(folder) if readonly else index_path(folder)
     try:
         # A URI, so that "?mode=ro" applies; as_uri() escapes '#', '?' and '%' in folder names.
         connection = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True) if readonly \
