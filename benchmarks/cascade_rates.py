@@ -59,10 +59,10 @@ def main() -> None:
         _, decoded = images.load(args.data / row["image"])
         by_blazepose = bool(blazepose.detect(decoded.rgb))
         scored = yolo.detect_scored(decoded.rgb)
-        if reference is not None:
-            differences.add(row["image"], yolo, reference, decoded.rgb, by_blazepose)
         by_yolo = bool(scored)
         kept = any(looks_like_person(person, score) for person, score in scored)
+        if reference is not None:
+            differences.add(row["image"], yolo, reference, decoded.rgb, by_blazepose, by_blazepose or kept)
         key = (row["set"], row["person"] == "yes")
         totals[key] += 1
         for name, posed in (("blazepose", by_blazepose), ("yolo", by_yolo),
@@ -86,7 +86,8 @@ class RuntimeDifferences:
         self.count_mismatches, self.auto_mismatches = [], []
         self.max_xy_px = self.max_score = 0.0
 
-    def add(self, name, onnx, torch_path, rgb, by_blazepose: bool) -> None:
+    def add(self, name, onnx, torch_path, rgb, by_blazepose: bool, auto_posed: bool) -> None:
+        """`auto_posed`: what auto decided with the ONNX path's people (the caller has them)."""
         from pose_prep.detectors.auto import looks_like_person
         from pose_prep.detectors.yolo import MIN_BOX_SCORE
 
@@ -101,8 +102,7 @@ class RuntimeDifferences:
                 self.max_xy_px = max(self.max_xy_px, float(np.abs(points[..., :2] - want_points[..., :2]).max()))
                 self.max_score = max(self.max_score, float(np.abs(scores - want_scores).max()),
                                      float(np.abs(points[..., 2] - want_points[..., 2]).max()))
-        decide = lambda detector: by_blazepose or any(looks_like_person(p, s) for p, s in detector.detect_scored(rgb))
-        if decide(onnx) != decide(torch_path):
+        if auto_posed != (by_blazepose or any(looks_like_person(p, s) for p, s in torch_path.detect_scored(rgb))):
             self.auto_mismatches.append(name)
 
     def summary(self, reference_version: str) -> dict:
