@@ -27,9 +27,9 @@ from __future__ import annotations
 import html
 import re
 import sys
-from urllib.parse import quote
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import torch
