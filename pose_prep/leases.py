@@ -11,7 +11,7 @@ deletion or a compaction, or an orphan of a crash): it moves it into `retired/` 
 (a rename: the same file, the same inode, leases included) and deletes a retired file only when it
 can take an exclusive flock on it without waiting, that is when no reader holds a lease on it. Files
 that some reader still holds stay in `retired/` until a later run of the writer finds them free.
-A reader looks for a shard of its snapshot where it was, then in `retired/` (`open_path`).
+A reader looks for a shard of its snapshot where it was, then in `retired/` (`shard_format._open_hdf5`).
 
 Why a lock on the shard file itself, not a lease file per reader: nothing to clean up after a crash,
 it works where the reader may not write (a read-only copy of the collection), it pins exactly the
@@ -40,13 +40,6 @@ class Gone(Exception):
 def retired_path(path: str | Path) -> Path:
     path = Path(path)
     return path.parent / RETIRED / path.name
-
-
-def open_path(path: str | Path) -> Path:
-    """Where the shard file named `path` is now: `path`, else its place in `retired/` (a file only
-    ever moves from the first to the second, so trying them in this order misses nothing)."""
-    path = Path(path)
-    return path if path.exists() or not retired_path(path).exists() else retired_path(path)
 
 
 class Lease:
@@ -78,7 +71,8 @@ class Lease:
 
 
 def hold(paths: list[Path]) -> Lease:
-    """A lease on each file (found where `open_path` says). Raises Gone when one of them is no longer
+    """A lease on each file (found where it was, else in `retired/`: a file only ever moves from the
+    first to the second, so trying them in this order misses nothing). Raises Gone when one of them is no longer
     in the folder nor in `retired/` (or was being deleted): the caller's snapshot is stale."""
     _allow_descriptors(len(paths))
     lease = Lease()
