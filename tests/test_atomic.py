@@ -124,14 +124,6 @@ def test_two_vsam_predict_into_one_file_leave_one_complete_output(tiny_onnx, df_
 
 # --- a full disk (a real small tmpfs: the small_disk fixture) ------------------------------------
 
-def _fill(disk: Path, leave: int) -> Path:
-    """A ballast file that leaves about `leave` bytes free on `disk`; deleting it frees the disk."""
-    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
-    ballast = disk / "ballast"
-    ballast.write_bytes(b"\0" * max(0, free - leave))
-    return ballast
-
-
 def _last_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
     return stderr.strip().splitlines()[-1]
@@ -140,7 +132,7 @@ def _last_line(stderr: str) -> str:
 def test_prep_on_a_full_disk_says_so_in_one_line_and_the_next_run_completes(tmp_path, small_disk):
     images = fixture_set.copy_photos(tmp_path / "img", sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:12])
     out = small_disk / "shards"
-    ballast = _fill(small_disk, 300_000)          # room for a few of the 12 photos stored at full size
+    ballast = small_disk_module.fill(small_disk, 300_000)          # room for a few of the 12 photos stored at full size
     result = subprocess.run([VSAM, "prep-pose", "--images", str(images), "--out", str(out), "--detector", "blazepose",
                              "--max-side", "0", "--shard-size", "2", "--no-progress"],
                             capture_output=True, text=True, timeout=300)
@@ -156,7 +148,7 @@ def test_prep_on_a_full_disk_says_so_in_one_line_and_the_next_run_completes(tmp_
 @pytest.mark.parametrize("leave", [8_000, 36_000])     # SQLite says SQLITE_FULL, or cannot grow its WAL -shm file
 def test_prep_on_a_disk_too_full_for_the_index_names_the_index(tmp_path, small_disk, leave):
     images = fixture_set.copy_photos(tmp_path / "img", sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:1])
-    _fill(small_disk, leave)
+    small_disk_module.fill(small_disk, leave)
     with pytest.raises(DiskFull) as raised:
         run(PrepOptions(images=images, out=small_disk / "shards", detector="blazepose", progress=False))
     assert str(raised.value) == f"no space left on device: {small_disk / 'shards' / 'index.sqlite'}"
@@ -194,7 +186,7 @@ def test_an_output_on_a_full_disk_is_one_line_naming_it(command, tiny_checkpoint
     arguments = {"predict": ["--images", str(df_val_images), "--out", str(out), "--workers", "0"],
                  "eval": ["--shards", str(df_shards), "--json", str(out), "--workers", "0"],
                  "export": ["--format", "onnx", "--out", str(out)]}[command]
-    _fill(small_disk, 2_000)
+    small_disk_module.fill(small_disk, 2_000)
     result = CliRunner().invoke(vsam, [command, "--checkpoint", str(tiny_checkpoint), *arguments, "--device", "cpu"]
                                 if command != "export" else [command, "--checkpoint", str(tiny_checkpoint), *arguments])
     assert result.exit_code == 1, result.output
