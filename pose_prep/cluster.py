@@ -105,14 +105,23 @@ def _results(client, tasks: list[Task], settings: Settings, address: str, jobs: 
 
 
 def _result(future, watch: "_Watch", address: str) -> list[Processed]:
-    try:
-        return future.result()
-    except CancelledError:
-        raise watch.scheduler_lost() from None
-    except Exception as error:  # noqa: BLE001 - process() catches an image's own errors: this is the cluster's
-        text = " ".join(str(error).split())
-        raise ClusterError(f"the Dask cluster at {address} could not run a task ({type(error).__name__}: {text}); "
-                           "every worker needs vsam and the detector's extra installed") from None
+    """The result of a finished task. Its worker may die before the result is fetched: distributed then runs
+    the task again and `result()` waits for it, so wait in POLL_SECONDS steps watching the cluster, as for any
+    pending task (a bare `result()` would hang for good once the last worker is gone). A broken connection
+    while fetching is the scheduler's if the watch says so, else the fetch is tried again."""
+    from distributed.comm import CommClosedError
+
+    while True:
+        try:
+            return future.result(timeout=POLL_SECONDS)
+        except (TimeoutError, CommClosedError):
+            watch.check()
+        except CancelledError:
+            raise watch.scheduler_lost() from None
+        except Exception as error:  # noqa: BLE001 - process() catches an image's own errors: this is the cluster's
+            text = " ".join(str(error).split())
+            raise ClusterError(f"the Dask cluster at {address} could not run a task ({type(error).__name__}: "
+                               f"{text}); every worker needs vsam and the detector's extra installed") from None
 
 
 class _Watch:
@@ -179,10 +188,25 @@ class _QuietDistributed(logging.Filter):
         return False
 
 
+class _AbandonedFetch(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved ... AllExit": a `result(timeout=...)` that timed
+    out leaves distributed's fetch task behind, which ends with AllExit when the client closes and is logged
+    when it is garbage-collected, at any later time. Nothing else of asyncio's is touched."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return type(error).__name__ != "AllExit"
+
+
+_ABANDONED_FETCH = _AbandonedFetch()
+
+
 @contextmanager
 def _quiet_distributed() -> Iterator[None]:
     from .native_logs import verbose
 
+    if not verbose():
+        logging.getLogger("asyncio").addFilter(_ABANDONED_FETCH)   # once; kept for the process's life
     handlers = [] if verbose() else logging.getLogger("distributed").handlers
     quiet = _QuietDistributed()
     for handler in handlers:

@@ -44,7 +44,15 @@ class Cluster:
         worker = self._start([DASK, "worker", self.address, "--nthreads", "1", "--no-dashboard",
                               "--nanny" if nanny else "--no-nanny"])
         self.workers.append(worker)
+        self._wait_for_workers(sum(process.poll() is None for process in self.workers))
         return worker
+
+    def _wait_for_workers(self, count: int) -> None:
+        """Until the scheduler knows `count` workers: a worker process takes seconds to import `distributed` on a
+        loaded machine, longer than the `--worker-wait` of the tests, which would then stop before it joined."""
+        from distributed import Client
+        with Client(self.address, timeout=60) as client:
+            client.wait_for_workers(count, timeout=120)
 
     def kill(self, process: subprocess.Popen) -> None:
         try:
