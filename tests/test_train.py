@@ -96,6 +96,20 @@ def test_validation_logs_liu_and_lus_top_k_recall_not_the_known_only_one():
         assert {group: summary[f"val_top{k}_recall/{group}"] for group in groups} == {g: liu_lu[g] for g in groups}
 
 
+def test_a_diverged_loss_and_an_undefined_metric_are_null_in_the_jsonl_logs_not_nan(tmp_path):
+    """metrics.jsonl and steps.jsonl are strict JSON lines: NaN (a group without a true label) and inf
+    (a diverged loss) are written as null."""
+    from vsam_train.train import _append_jsonl
+
+    log = tmp_path / "metrics.jsonl"
+    _append_jsonl(log, {"epoch": 1, "loss": float("inf"), "val_ap": float("nan"), "groups": [0.5, float("nan")]})
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a JSON line")
+    assert json.loads(log.read_text(), parse_constant=refuse) == \
+        {"epoch": 1, "loss": None, "val_ap": None, "groups": [0.5, None]}
+
+
 def test_learning_rate_follows_keras_inverse_time_decay():
     model = create_model("vgg16", 0, 3, width=1 / 16, image_size=32)
     optimizer, scheduler = build_optimizer(model, load_config(None, {"optim.decay": 0.01}))

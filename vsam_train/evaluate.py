@@ -8,7 +8,6 @@ written as null, so that any JSON reader accepts it.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from pose_prep.atomic import atomic_write_text
@@ -17,7 +16,7 @@ from .checkpoint import inference_device
 from .data import ShardStream, make_loader
 from .inference import is_onnx, load_model
 from .losses import VsamLoss
-from .metrics import compute_metrics
+from .metrics import compute_metrics, without_nan  # noqa: F401 - without_nan: evaluate's name for callers
 from .train import evaluate
 
 
@@ -82,17 +81,6 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
         "attention_mse": result["attention_mse"], "attention_correlation": result["attention_correlation"],
     })
     return metrics
-
-
-def without_nan(value):
-    """NaN → None, recursively: strict JSON has no NaN."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {key: without_nan(v) for key, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [without_nan(v) for v in value]
-    return value
 
 
 def write_json(data: dict, path: str | Path) -> None:

@@ -26,7 +26,7 @@ Conventions shared by every function here:
 * NaN means undefined and appears only where there is nothing to measure: AP when no attribute has
   a positive, a top-k recall of a group without a single true label, a group top-1 accuracy or a
   category accuracy without one evaluable item, and an empty average (no attributes).
-  `json.dumps` writes it as `NaN`.
+  `json.dumps` writes it as `NaN`, which strict JSON has not: files get `without_nan` (null).
 """
 from __future__ import annotations
 
@@ -445,3 +445,14 @@ def format_table(metrics: dict, per_attribute: bool = False) -> str:
                                [[r["name"], str(r["support"]), str(r["n_predicted"]), _number(r["precision"]),
                                  _number(r["recall"]), _number(r["f1"])] for r in metrics["per_category"]])
     return "\n".join(lines)
+
+
+def without_nan(value):
+    """NaN and ±inf → None, recursively: strict JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: without_nan(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    return value

@@ -36,6 +36,7 @@ from .config import ConfigError, load_config, save_config
 from .data import ShardStream, decode_on_device, make_loader, read_collection
 from .groups import CorrelationAccumulator, plan_for
 from .losses import VsamLoss
+from .metrics import category_accuracy, compute_metrics, without_nan
 from .models import model_from_config
 
 
@@ -294,7 +295,6 @@ def evaluate(model, criterion, loader, device, *, config: dict) -> dict:
 
 def summarize(result: dict, vocabulary) -> dict:
     """The scalars of an evaluation worth a line in metrics.jsonl (prefixed "val_")."""
-    from .metrics import category_accuracy, compute_metrics
 
     summary = {"val_loss": result["loss"], "val_category_loss": result["category_loss"],
                "val_attribute_loss": result["attribute_loss"], "val_heatmap_loss": result["heatmap_loss"],
@@ -383,8 +383,11 @@ class RunLog:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
+    """One strict-JSON line: a diverged loss or an undefined metric is written as null, never as NaN, which
+    jq, pandas' strict readers and JSON.parse refuse."""
+    line = json.dumps(without_nan(record), allow_nan=False)
     with reporting_disk_full(path), open(path, "a") as f:   # a line cut by a full disk is dropped on --resume
-        f.write(json.dumps(record) + "\n")
+        f.write(line + "\n")
 
 
 def _truncate_jsonl(path: Path, keep) -> None:
