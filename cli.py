@@ -184,7 +184,7 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
     from pose_prep import lock
     from pose_prep.images import printable_name
     from pose_prep.labels import LabelError
-    from pose_prep.prep import PrepError, PrepOptions, run
+    from pose_prep.prep import DetectorChoiceError, PrepError, PrepOptions, run
     from pose_prep.shard_format import SPLITS, ShardFormatError
 
     chosen = tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None
@@ -200,6 +200,8 @@ def prep_pose(images, labels, labels_format, out, detector, jobs, backend, sched
         report = run(options)
     except lock.Busy as error:
         _fail("prep-pose", error, EXIT_BUSY)
+    except DetectorChoiceError as error:
+        raise click.UsageError(str(error)) from None
     except (LabelError, PrepError, ShardFormatError, OSError) as error:   # OSError: a full disk, --out under a file
         _fail("prep-pose", error, EXIT_FAILED)
     for rejected in report.rejected:     # one line each, whatever the name holds (a newline: \n)

@@ -62,6 +62,11 @@ class PrepError(Exception):
     """A run that cannot start (bad options for this output folder); str() says why."""
 
 
+class DetectorChoiceError(PrepError):
+    """The detector asked for (or the one the collection was built with) is unknown, or its extra is not
+    installed: a usage error, exit 2, as for `vsam pose`."""
+
+
 @dataclass(frozen=True)
 class RetireLimit:
     """`--max-retire`: how many live items one run may retire, as a share of the live items before
@@ -350,6 +355,8 @@ def run(options: PrepOptions) -> Report:
     scheduler that cannot be reached: PrepError when detection starts, what is committed stays)."""
     _check_backend(options)
     _retire_limit(options.max_retire)
+    if options.detector:            # a named one before --out is created; the collection's own under its lock
+        _check_detector(options.detector)
     out = Path(options.out)
     out.mkdir(parents=True, exist_ok=True)
     with lock.exclusive(out):
@@ -492,7 +499,7 @@ def _check_detector(name: str) -> None:
     try:
         check_detector(name)
     except (ValueError, OSError, DetectorUnavailable) as error:
-        raise PrepError(str(error)) from None
+        raise DetectorChoiceError(str(error)) from None
 
 
 def _check_backend(options: PrepOptions) -> None:

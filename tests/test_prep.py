@@ -217,6 +217,16 @@ def test_dask_without_a_scheduler_stops_before_anything_is_touched(tmp_path):
     assert not (tmp_path / "shards").exists()
 
 
+@pytest.mark.parametrize("detector, message", [("openpose", "unknown detector 'openpose'; choose one of"),
+                                               ("mmpose", "detector 'mmpose' needs the 'mmpose' extra")])
+def test_an_unknown_detector_or_a_missing_extra_is_a_usage_error_exit_2_as_for_vsam_pose(tmp_path, detector, message):
+    images = copy_photos(tmp_path / "img", SUBSET[:1])
+    result = subprocess.run([VSAM, "prep-pose", "--images", str(images), "--out", str(tmp_path / "shards"),
+                             "--detector", detector], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "shards").exists()
+
+
 # --- real processes ---------------------------------------------------------------------------
 
 def start(images: Path, out: Path, *extra: str) -> subprocess.Popen:
