@@ -270,7 +270,8 @@ def shards_compact(folder, below, shard_size) -> None:
     try:
         # existing_index: no lock nor index is created in a folder that is not a collection. reporting_disk_full:
         # SQLite's full disk (SQLITE_FULL, a WAL -shm that cannot grow) as prep-pose says it.
-        with reporting_disk_full(existing_index(folder)), lock.exclusive(folder), open_index(folder) as connection:
+        with reporting_disk_full(existing_index(folder)), lock.exclusive(folder, command="vsam shards compact"), \
+                open_index(folder) as connection:
             done = compact(folder, connection, shard_size, below / 100)
     except lock.Busy as error:
         _fail("shards compact", error, EXIT_BUSY)

@@ -42,12 +42,17 @@ class Busy(Exception):
     """Another run holds the lock; str() names the folder and, when known, the holder."""
 
 
-def _holder(path: Path) -> str:
+def _holder(path: Path, command: str) -> str:
+    """`COMMAND run is active (pid … on … since …)` from the lock file; the command is the holder's own
+    (prep-pose and `shards compact` share a folder's lock), else the one asking."""
     try:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
-        return "another process"
-    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}" if info else "another process"
+        info = {}
+    if not info:
+        return f"{command} run is active (another process)"
+    return (f"{info.get('command', command)} run is active "
+            f"(pid {info.get('pid')} on {info.get('host')} since {info.get('since')})")
 
 
 @contextmanager
@@ -60,10 +65,11 @@ def exclusive(folder: str | os.PathLike, name: str = LOCK_NAME, command: str = "
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise Busy(f"{folder}: another {command} run is active ({_holder(path)}); "
+            raise Busy(f"{folder}: another {_holder(path, command)}; "
                        "this run does nothing (exit code 75: try again later)") from None
         _held.add(fd)
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "command": command}
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(holder).encode(), 0)

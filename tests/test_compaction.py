@@ -131,6 +131,9 @@ def test_shards_compact_rewrites_below_its_threshold_and_refuses_a_busy_folder(c
     with lock.exclusive(out):
         result = invoke("shards", "compact", str(out))
         assert result.exit_code == EXIT_BUSY and "another vsam prep-pose run is active" in result.output
+    with lock.exclusive(out, command="vsam shards compact"):     # the message names the holder, not the asker
+        with pytest.raises(lock.Busy, match="another vsam shards compact run is active"):
+            prep(images, out, shard_size=2)
     assert invoke("shards", "compact", str(out), "--below", "40").output.startswith("compacted 0 shard(s)")
     result = invoke("shards", "compact", str(out), "--shard-size", "4")
     assert result.exit_code == 0 and result.output.startswith("compacted 12 shard(s)")
