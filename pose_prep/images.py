@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 import unicodedata
 import warnings
 from dataclasses import dataclass
@@ -61,6 +62,17 @@ def find_images(root: str | os.PathLike, on_error: Callable[[OSError], None] | N
         subfolders.sort()
         found.extend(Path(folder) / name for name in files if Path(name).suffix.lower() in IMAGE_SUFFIXES)
     return sorted(found)
+
+
+def warn_unreadable(stream=None) -> Callable[[OSError], None]:
+    """An `on_error` for `find_images`/`catalog_images` that writes one line per folder that cannot be
+    listed, `unreadable: FOLDER: reason (its photos are skipped)`, to `stream` (stderr), so that photos a
+    command did not see are never silent (prep-pose keeps such a folder's stored items instead)."""
+    def warn(error: OSError) -> None:
+        folder = os.fsdecode(error.filename) if error.filename is not None else "?"
+        print(f"unreadable: {printable_name(folder)}: {error.strerror or error} (its photos are skipped)",
+              file=stream or sys.stderr, flush=True)
+    return warn
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def run(images_dir: str | Path, out: str | Path, detector_name: str = "auto", jo
     folder or the detector is unusable."""
     images_dir, out = Path(images_dir), Path(out)
     check_detector(detector_name)
-    found = [image for image in images.catalog_images(images_dir)
+    found = [image for image in images.catalog_images(images_dir, on_error=images.warn_unreadable())
              if not _inside(image.path, out)]   # an output folder inside --images: not its own input
     bad_names = {image.name: image.reason for image in found if image.reason}
     relative_paths = [image.name for image in found if not image.reason]

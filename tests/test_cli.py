@@ -1,6 +1,12 @@
 """cli.py: the exit codes every command shares (0 ok, 1 failed, 2 usage, 75 busy)."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -8,6 +14,7 @@ import fixture_set
 from cli import EXIT_FAILED, main as vsam
 
 TINY = "configs/tiny.yaml"
+VSAM = str(Path(sys.executable).with_name("vsam"))
 
 
 @pytest.mark.parametrize("command", ["pose", "prep-pose", "train", "predict", "explain", "export"])
@@ -32,3 +39,31 @@ def test_an_output_under_a_regular_file_is_one_line_naming_it_and_exit_1(command
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     (line,) = result.output.strip().splitlines()[-1:]
     assert line.startswith(f"vsam {command}: ") and str(blocker) in line, result.output
+
+
+@pytest.mark.parametrize("command", ["pose", "predict", "explain"])
+def test_a_subfolder_that_cannot_be_listed_is_named_on_stderr_and_the_rest_is_processed(command, tmp_path, request):
+    """Photos a command could not see are never silent: one `unreadable:` line naming the folder, exit 0,
+    the other photos done. Run without CAP_DAC_OVERRIDE (as cron's user), since as root mode 000 is readable."""
+    names = sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:2]
+    images = tmp_path / "img"
+    fixture_set.copy_photos(images / "tops", names[:1])
+    locked = fixture_set.copy_photos(images / "dresses", names[1:])
+    out = tmp_path / ("out.jsonl" if command == "predict" else "out")
+    arguments = {"pose": ["--detector", "blazepose", "--no-progress"], "predict": ["--workers", "0", "--no-progress"],
+                 "explain": ["--no-progress"]}[command]
+    if command != "pose":
+        arguments += ["--checkpoint", str(request.getfixturevalue("tiny_checkpoint"))]
+    unprivileged = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
+    locked.chmod(0o000)
+    try:
+        result = subprocess.run([*unprivileged, VSAM, command, "--images", str(images), "--out", str(out), *arguments],
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 0, result.stderr
+    assert f"unreadable: {locked}: Permission denied (its photos are skipped)" in result.stderr.splitlines()
+    done = {"pose": lambda: [p.name for p in out.rglob("*.json")],
+            "predict": lambda: [json.loads(line)["path"] for line in out.read_text().splitlines()],
+            "explain": lambda: [p.name for p in (out / "images").iterdir()]}[command]()
+    assert len(done) == 1 and "dresses" not in str(done), done

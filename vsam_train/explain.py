@@ -37,7 +37,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from pose_prep.images import BadImage, catalog_images, load, printable_name
+from pose_prep.images import BadImage, catalog_images, load, printable_name, warn_unreadable
 
 from .checkpoint import inference_device, load_for_inference
 from .data import preprocess
@@ -253,7 +253,7 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
 
     named = [vocabulary.attributes.index(name) for name in attributes] if attributes else None
     out = Path(out)
-    found = catalog_images(images)[:limit]
+    found = catalog_images(images, on_error=warn_unreadable(errors))[:limit]
     out.mkdir(parents=True, exist_ok=True)
     summary = ExplainSummary(n_images=len(found))
     rows = []

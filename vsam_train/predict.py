@@ -37,7 +37,7 @@ from scipy.special import expit, softmax
 from tqdm import tqdm
 
 from pose_prep.atomic import atomic_path
-from pose_prep.images import BadImage, CatalogImage, catalog_images, load, printable_name
+from pose_prep.images import BadImage, CatalogImage, catalog_images, load, printable_name, warn_unreadable
 from pose_prep.shard_format import Vocabulary
 
 from .inference import is_onnx, load_model, preprocess_array
@@ -167,7 +167,7 @@ def predict_folder(model_file: str | Path, images: str | Path, out, *, threshold
     a training checkpoint, or an ONNX export (by its .onnx suffix); `workers`: decoding threads."""
     runner = OnnxRunner(model_file, device) if is_onnx(model_file) else TorchRunner(model_file, device)
     vocabulary = runner.info["vocabulary"]
-    found = catalog_images(images)
+    found = catalog_images(images, on_error=warn_unreadable(errors))
     summary = PredictSummary(n_images=len(found))
     bar = tqdm(total=len(found), desc="predict", unit="img", disable=not progress, dynamic_ncols=True,
                mininterval=1.0, file=sys.stderr)
