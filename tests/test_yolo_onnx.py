@@ -1,4 +1,8 @@
 """YOLO11n-pose through onnxruntime (pose_prep/detectors/yolo_onnx.py) against ultralytics' torch path."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -91,6 +95,18 @@ def test_a_damaged_cached_export_falls_back_to_the_torch_path_and_names_the_file
     assert detector.runtime == "torch" and detector.version.startswith("ultralytics-")
     assert (f"yolo: ultralytics' torch path instead of onnxruntime: onnxruntime cannot load {damaged} "
             in capfd.readouterr().err)
+
+
+def test_workers_that_start_at_once_on_an_empty_cache_export_once_and_all_use_onnx(tmp_path):
+    """As the --jobs workers of a first run do: two processes want the export at the same moment."""
+    code = "from pose_prep.detectors.yolo import Yolo; print(Yolo(runtime='onnx').runtime)"
+    environment = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    workers = [subprocess.Popen([sys.executable, "-c", code], env=environment, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [worker.communicate(timeout=600) for worker in workers]
+    assert [out.strip() for out, _ in outputs] == ["onnx", "onnx"], outputs
+    assert sum(err.count("yolo: exporting yolo11n-pose.pt to ONNX once") for _, err in outputs) == 1, outputs
+    assert len(list((tmp_path / "vsam" / "yolo").glob("*.onnx"))) == 1
 
 
 def test_the_runtime_comes_from_the_environment(monkeypatch):

@@ -23,6 +23,7 @@ metadata, pose-eval prints it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -122,10 +123,13 @@ def onnx_session(weights: Path, digest: str):
 def export_onnx(weights: Path, target: Path) -> None:
     """Export with ultralytics' exporter (which writes beside the weights: a copy in a scratch folder
     next to `target`), check it against the torch path, then rename it into place, so that workers
-    exporting at once never see half a file."""
+    exporting at once never see half a file; under a lock, so that only the first of them exports."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as scratch:
+        with _export_lock(target), tempfile.TemporaryDirectory(dir=target.parent, prefix=".export-") as scratch:
+            if target.is_file():     # another process (a --jobs worker) exported it while this one waited
+                return
+            print(f"yolo: exporting {weights.name} to ONNX once, into {target}", file=sys.stderr, flush=True)
             copy = Path(scratch) / weights.name
             shutil.copyfile(weights, copy)
             ultralytics = _offline_ultralytics()
@@ -140,6 +144,15 @@ def export_onnx(weights: Path, target: Path) -> None:
     except Exception as error:  # noqa: BLE001 - any failure to export means: use the torch path
         raise OnnxUnavailable(f"exporting {weights.name} to {target} failed "
                               f"({type(error).__name__}: {error})") from None
+
+
+@contextlib.contextmanager
+def _export_lock(target: Path):
+    """One export at a time per cached file: the `--jobs` workers of a first run all want it at once, and
+    each export costs seconds of CPU; the others wait, then find the file."""
+    with open(target.with_name(target.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)     # released when the file closes
+        yield
 
 
 @contextlib.contextmanager
