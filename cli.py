@@ -691,6 +691,7 @@ def audit_experiment(shards, out, drop_attribute, drop, swap_group, swap, swap_t
     Exit codes: 0 done, 1 the experiment failed (a training run, the data), 2 bad options or config."""
     from vsam_train.checkpoint import inference_device
     from vsam_train.config import ConfigError
+    from vsam_train.experiments.compare import CompareError
     from vsam_train.experiments.injected_errors import format_table, run
     from vsam_train.experiments.label_noise import ExperimentError
     from vsam_train.model_registry import list_models
@@ -710,7 +711,7 @@ def audit_experiment(shards, out, drop_attribute, drop, swap_group, swap, swap_t
                      parallel=parallel,
                      device=inference_device(device).type, ns=counts, gallery=gallery, command=sys.argv,
                      log=lambda message: click.echo(f"vsam experiment audit: {message}", err=True))
-    except ConfigError as error:
+    except (ConfigError, CompareError) as error:   # CompareError: --out holds runs of another config
         _fail("experiment audit", error, EXIT_USAGE)
     except (ExperimentError, *_inference_errors()) as error:
         _fail("experiment audit", error, EXIT_FAILED)

@@ -57,8 +57,12 @@ def main(argv=None) -> int:
     def log(message: str) -> None:
         print(f"[{(time.monotonic() - started) / 60:5.1f} min] {message}", flush=True)
 
-    data = compare(args.shards, args.out, args.variants, args.seeds, config_file=args.config,
-                   settings=args.settings, parallel=args.parallel, log=log, command=sys.argv)
+    try:
+        data = compare(args.shards, args.out, args.variants, args.seeds, config_file=args.config,
+                       settings=args.settings, parallel=args.parallel, log=log, command=sys.argv)
+    except CompareError as error:      # e.g. --out holds runs of another config: nothing was started
+        print(f"compare.py: {error}", file=sys.stderr)
+        return 2
     reference = args.reference if args.reference in data["models"] else None
     print(format_summary(data, reference))
     if args.json:

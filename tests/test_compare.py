@@ -84,6 +84,12 @@ def test_the_comparison_trains_evaluates_summarises_and_continues_where_it_stopp
     assert "3 of 4 runs already evaluated; 1 to do" in stdout
     assert stdout.count("start ") == 1 and "start vsam seed 1" in stdout
 
+    # the same --out and variant name with another config: refused, nothing started, no old figure reused
+    code, stdout, stderr = _compare(df_shards, out, "vgg16", "vsam=vsam,model.attention_scale=5", capsys=capsys,
+                                    monkeypatch=monkeypatch)
+    assert code == 2 and "start " not in stdout
+    assert f"{out / 'runs' / 'vsam' / 'seed-0'} was trained with another config (model.attention_scale" in stderr
+
 
 def test_a_run_that_fails_is_named_with_its_log_and_the_comparison_exits_1(df_shards, tmp_path, capsys, monkeypatch):
     code, stdout, _ = _compare(df_shards, tmp_path / "compare", "broken=vsam,train.batch_size=100000", capsys=capsys,

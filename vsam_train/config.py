@@ -233,6 +233,17 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return config
 
 
+def differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs (a key only one of them has included)."""
+    keys = []
+    for key in [*a, *(k for k in b if k not in a)]:    # b may add keys to an open mapping (group_joints)
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            keys += differences(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            keys.append(prefix + key)
+    return keys
+
+
 def _merge(into: dict, update: dict, prefix: tuple) -> None:
     for key, value in update.items():
         keys = prefix + (key,)

@@ -32,7 +32,7 @@ from pose_prep import lock
 from pose_prep.atomic import atomic_write_text, reporting_disk_full, temporary_files
 
 from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from .config import ConfigError, load_config, save_config
+from .config import ConfigError, differences, load_config, save_config
 from .data import ShardStream, decode_on_device, make_loader, read_collection
 from .groups import CorrelationAccumulator, plan_for
 from .losses import VsamLoss
@@ -79,22 +79,12 @@ def resolve_run_config(out: str | Path, config_file: str | Path | None, override
     config, before = load_config(saved if config_file is None else config_file, overrides), load_config(saved)
     # A cosine schedule's horizon is train.epochs: changing it changes every later step's rate.
     resumable = [k for k in RESUMABLE_CHANGES if not (k == "train.epochs" and before["optim"]["schedule"] == "cosine")]
-    changed = [key for key in _differences(before, config) if key not in resumable]
+    changed = [key for key in differences(before, config) if key not in resumable]
     if changed:
         given = "the options given" if config_file is None else f"{config_file} (with the options given)"
         raise ConfigError(f"--resume: {given} differs from the run's {saved} in {', '.join(changed)}; a resumed "
                           f"run may change only {', '.join(resumable)}")
     return config
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = []
-    for key in [*a, *(k for k in b if k not in a)]:    # b may add keys to an open mapping (group_joints)
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            keys += _differences(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            keys.append(prefix + key)
-    return keys
 
 
 # --- setup -------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import MODEL_VARIANTS, ConfigError, parse_assignments
+from ..config import MODEL_VARIANTS, ConfigError, differences, load_config, parse_assignments
 
 EVAL_FILE = "eval.json"
 JSON_NAME = "compare.json"
@@ -135,10 +135,12 @@ def compare(shards: str | Path, out: str | Path, variants: list[Variant], seeds:
     for seed in seeds:                 # seed-major: the models of one seed finish together
         for variant in variants:
             folder = run_dir(out, variant.name, seed)
-            if not (folder / EVAL_FILE).exists():
-                spec = RunSpec(str(shards), config_file, {**(settings or {}), **variant.settings(seed)}, str(folder),
-                               device=device)
-                jobs.append((spec, f"{variant.name} seed {seed}"))
+            run_settings = {**(settings or {}), **variant.settings(seed)}
+            if (folder / EVAL_FILE).exists():
+                _check_kept_run(folder, config_file, run_settings)
+            else:
+                jobs.append((RunSpec(str(shards), config_file, run_settings, str(folder), device=device),
+                             f"{variant.name} seed {seed}"))
     total = len(variants) * len(seeds)
     log(f"{total - len(jobs)} of {total} runs already evaluated; {len(jobs)} to do, {parallel} at a time")
     data = {"schema": SCHEMA, "command": command, "git_commit": _git_commit(), "shards": str(shards),
@@ -160,6 +162,19 @@ def compare(shards: str | Path, out: str | Path, variants: list[Variant], seeds:
     data = _save(out, data, variants, seeds)
     data["failed"] = failed
     return data
+
+
+def _check_kept_run(folder: Path, config_file: str | None, settings: dict) -> None:
+    """An evaluated run is kept only if it was trained with the config asked for now: the same --out with
+    a changed variant, --config or --set must not pass old figures off as new ones."""
+    try:
+        asked, ran = load_config(config_file, settings), load_config(folder / "config.yaml")
+    except (ConfigError, OSError) as error:
+        raise CompareError(f"{folder}: cannot read the config of this evaluated run ({error})") from None
+    changed = differences(ran, asked)
+    if changed:
+        raise CompareError(f"{folder} was trained with another config ({', '.join(changed)} differ from what is "
+                           "asked now): give another --out, or another variant name")
 
 
 def _serialized(log):
@@ -288,17 +303,17 @@ def summarize(runs: dict[str, dict[int, dict | None]]) -> dict:
     for name, by_seed in per_run.items():
         keys = sorted({k for values in by_seed.values() for k in values})
         models[name] = {k: mean_std([v[k] for v in by_seed.values() if k in v]) for k in keys}
-    differences = {}
+    paired = {}
     for first in per_run:
         for second in per_run:
             shared = sorted(set(per_run[first]) & set(per_run[second]))
             if first == second or not shared:
                 continue
             keys = set.intersection(*(set(per_run[name][seed]) for name in (first, second) for seed in shared))
-            differences[f"{first} - {second}"] = {
+            paired[f"{first} - {second}"] = {
                 k: mean_std([per_run[first][s][k] - per_run[second][s][k] for s in shared]) for k in sorted(keys)}
     return {"per_run": {n: {str(s): v for s, v in r.items()} for n, r in per_run.items()}, "models": models,
-            "differences": differences}
+            "differences": paired}
 
 
 def format_summary(data: dict, reference: str | None = None) -> str:
