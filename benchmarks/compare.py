@@ -9,7 +9,8 @@ continue a killed comparison. Prints one line per run started and finished, then
 mean ± std over seeds per variant and of the differences to `--reference` (paired by seed);
 `--json` also copies OUT/compare.json to a file (e.g. under benchmarks/results/).
 
-Exit codes: 0 every run evaluated, 1 some run failed (its run.log says why), 2 bad options.
+Exit codes: 0 every run evaluated, 1 some run failed (its run.log says why), 2 bad options, or an --out
+whose evaluated runs were trained with another config (they are never reused for other figures).
 """
 from __future__ import annotations
 
