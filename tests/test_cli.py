@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import fixture_set
+from unprivileged import without_file_permission_override
 from cli import EXIT_FAILED, main as vsam
 
 TINY = "configs/tiny.yaml"
@@ -54,11 +54,10 @@ def test_a_subfolder_that_cannot_be_listed_is_named_on_stderr_and_the_rest_is_pr
                  "explain": ["--no-progress"]}[command]
     if command != "pose":
         arguments += ["--checkpoint", str(request.getfixturevalue("tiny_checkpoint"))]
-    unprivileged = ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
     locked.chmod(0o000)
     try:
-        result = subprocess.run([*unprivileged, VSAM, command, "--images", str(images), "--out", str(out), *arguments],
-                                capture_output=True, text=True, timeout=300)
+        result = subprocess.run([*without_file_permission_override(), VSAM, command, "--images", str(images),
+                                 "--out", str(out), *arguments], capture_output=True, text=True, timeout=300)
     finally:
         locked.chmod(0o755)
     assert result.returncode == 0, result.stderr

@@ -21,6 +21,7 @@ import awkward_names
 import bad_images
 import fixture_set
 from fixture_set import copy_photos
+from unprivileged import without_file_permission_override
 from pose_prep import lock
 from pose_prep.images import printable_name
 from pose_prep.prep import PrepError, PrepOptions, RetireLimit, catalog_problems, run
@@ -406,11 +407,6 @@ def test_max_retire_reads_a_share_or_a_count():
 def test_max_retire_refuses_what_is_not_a_share_or_a_count(text):
     with pytest.raises(ValueError, match="a share of the live items like 10% or a count like 500"):
         RetireLimit.parse(text)
-
-
-def without_file_permission_override() -> list[str]:
-    """As root a mode 000 folder is still readable: run without CAP_DAC_OVERRIDE, as cron's user would."""
-    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all"] if os.geteuid() == 0 else []
 
 
 @pytest.mark.parametrize("mode", [0o000, 0o644])   # not listable; listable but its files cannot be stat'ed
