@@ -361,7 +361,8 @@ def run(options: PrepOptions) -> Report:
     out.mkdir(parents=True, exist_ok=True)
     with lock.exclusive(out):
         settings = options.settings()
-        _check_detector(settings.detector)
+        if not options.detector:    # the collection's own (a named one was checked above)
+            _check_detector(settings.detector)
         labels = read_labels(options.labels, options.labels_format) if options.labels else unlabelled()
         report = Report(images=str(options.images), out=str(out), detector=settings.detector,
                         labels=labels.source or None, start=_now())
