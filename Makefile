@@ -47,8 +47,11 @@ demo: setup
 	@echo "demo: $(DEMO)/audit/audit.csv ranks the suspect labels; open $(DEMO)/audit/index.html for the gallery"
 
 # The default suite reads only tests/data and what the tests create (setup.cfg deselects `realdata`).
+# Two processes (pytest-xdist), each taking whole test files (their module fixtures are built once): one
+# process keeps about one core busy, two keep a 2-core machine busy (~2.5 instead of ~4.5 minutes, the same
+# CPU time). `pytest` alone runs the same tests in one process.
 test: setup
-	$(BIN)/python -m pytest -q -m "not realdata"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not realdata"
 
 # The opt-in real-data suite: the research-only sets in ../shared/data, or VSAM_SHARED_DATA=/path/to/data.
 # Fails (never skips) when they are not there.
