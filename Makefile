@@ -48,7 +48,7 @@ demo: setup
 
 # The default suite reads only tests/data and what the tests create (setup.cfg deselects `realdata`).
 # Two processes (pytest-xdist), each taking whole test files (their module fixtures are built once): one
-# process keeps about one core busy, two keep a 2-core machine busy (~2.5 instead of ~4.5 minutes, the same
+# process keeps about one core busy, two keep a 2-core machine busy (~2.5 instead of ~4 minutes, the same
 # CPU time). `pytest` alone runs the same tests in one process.
 test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not realdata"
