@@ -298,7 +298,12 @@ def mean_std(values: list[float]) -> dict:
 def summarize(runs: dict[str, dict[int, dict | None]]) -> dict:
     """{"per_run": {variant: {seed: figures}}, "models": {variant: {figure: mean_std}},
     "differences": {"A - B": {figure: mean_std of paired differences}}} over the evaluated runs."""
-    per_run = {name: {seed: figures(m) for seed, m in by_seed.items() if m is not None} for name, by_seed in runs.items()}
+    return summarize_figures({name: {seed: figures(m) for seed, m in by_seed.items() if m is not None}
+                              for name, by_seed in runs.items()})
+
+
+def summarize_figures(per_run: dict[str, dict[int, dict[str, float]]]) -> dict:
+    """`summarize` of figures already read (a compare JSON's per_run, with int seeds)."""
     models = {}
     for name, by_seed in per_run.items():
         keys = sorted({k for values in by_seed.values() for k in values})

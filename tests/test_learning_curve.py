@@ -1,0 +1,76 @@
+"""benchmarks/learning_curve.py: variants matched across compare JSONs by what they train, paired by seed."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "learning_curve.py"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def run_curve(*options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *options], capture_output=True, text=True, timeout=120)
+
+
+def write_compare(path: Path, variants: dict[str, tuple[str, dict]], top1: dict[str, dict[int, float]]) -> Path:
+    """A compare JSON as benchmarks/compare.py writes it, with only the fields the curve reads."""
+    path.write_text(json.dumps({
+        "schema": "vsam-compare/1",
+        "variants": {name: {"model": model, "overrides": overrides} for name, (model, overrides) in variants.items()},
+        "per_run": {name: {str(seed): {"group_top1": value} for seed, value in by_seed.items()}
+                    for name, by_seed in top1.items()}}))
+    return path
+
+
+def test_variants_named_per_size_are_matched_by_model_and_overrides_and_paired_by_seed(tmp_path):
+    small = write_compare(tmp_path / "small.json", {
+        "vgg16-500": ("vgg16", {"train.epochs": 124}),
+        "groups-500": ("vsam-groups", {"train.epochs": 124}),
+        "groups-500-l0": ("vsam-groups", {"train.epochs": 124, "loss.heatmap_loss.weight": 0.0}),
+        "only-here": ("vsam", {"train.epochs": 124})},
+        {"vgg16-500": {0: 0.60, 1: 0.64}, "groups-500": {0: 0.66, 1: 0.66},
+         "groups-500-l0": {0: 0.61, 1: 0.65}, "only-here": {0: 0.9, 1: 0.9}})
+    large = write_compare(tmp_path / "large.json", {
+        "vgg16": ("vgg16", {}), "vsam-groups": ("vsam-groups", {}),
+        "vsam-groups-lambda0": ("vsam-groups", {"loss.heatmap_loss.weight": 0.0})},
+        {"vgg16": {0: 0.70, 1: 0.72, 2: 0.74}, "vsam-groups": {0: 0.71, 1: 0.75},
+         "vsam-groups-lambda0": {0: 0.70, 1: 0.72, 2: 0.74}})
+    done = run_curve("--point", f"500={small}", "--point", f"5000={large}")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "| group_top1, val | 500 images | 5,000 images |" in lines
+    assert "| vgg16 | 0.620 ± 0.028 (2) | 0.720 ± 0.020 (3) |" in lines
+    assert "| vsam-groups[loss.heatmap_loss.weight=0.0] | 0.630 ± 0.028 (2) | 0.720 ± 0.020 (3) |" in lines
+    # paired by seed: at 5,000 only seeds 0 and 1 have both (+0.01, +0.03)
+    assert "| vsam-groups | +0.040 ± 0.028 (2) | +0.020 ± 0.014 (2) |" in lines
+    assert "| vsam-groups[loss.heatmap_loss.weight=0.0] | +0.010 ± 0.000 (2) | +0.000 ± 0.000 (3) |" in lines
+    assert "only-here" not in done.stdout and "| vsam |" not in done.stdout    # found at one size only
+
+
+def test_the_committed_results_give_the_documented_figures_and_a_plot(tmp_path):
+    plot = tmp_path / "curve.png"
+    done = run_curve("--point", f"1000={RESULTS / 'compare-small1k-cpu-2026-12-02.json'}",
+                     "--point", f"5000={RESULTS / 'compare-small-lambda0-cpu-2026-12-01.json'}",
+                     "--metric", "group_top1/neckline", "--reference", "vsam-groups[loss.heatmap_loss.weight=0.0]",
+                     "--plot", str(plot))
+    assert done.returncode == 0, done.stderr
+    # docs/experiments.md: the pose's share of the groups model's neckline, +4.5 ± 1.3 and +2.1 ± 0.5
+    assert "| vsam-groups | +0.045 ± 0.013 (3) | +0.021 ± 0.005 (3) |" in done.stdout.splitlines()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_points_and_references_are_named_without_a_traceback(tmp_path):
+    good = RESULTS / "compare-small1k-cpu-2026-12-02.json"
+    (tmp_path / "other.json").write_text('{"metrics": {}}')
+    cases = [(("--point", f"1000={tmp_path / 'missing.json'}"), "missing.json"),
+             (("--point", f"1000={tmp_path / 'other.json'}"), "not a benchmarks/compare.py JSON"),
+             (("--point", f"many={good}"), "SIZE=FILE"),
+             (("--point", f"1000={good}", "--point", f"1000={good}"), "the same size"),
+             (("--point", f"1000={good}", "--reference", "resnet50"), "--reference resnet50: no file has it")]
+    for options, reason in cases:
+        done = run_curve(*options)
+        assert done.returncode == 2, (options, done.stdout)
+        assert reason in done.stderr and "Traceback" not in done.stderr, (options, done.stderr)
