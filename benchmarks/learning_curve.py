@@ -107,7 +107,7 @@ def plot_curve(data: dict, path: Path) -> None:
     # each variant a little to the side, so that error bars at the same size do not hide each other
     shift = {label: 1.04 ** (i - (len(labels) - 1) / 2) for i, label in enumerate(labels)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for axis, table, title in ((left, data["models"], data["metric"]),
+    for axis, table, title in ((left, data["models"], f"{data['metric']}, val: mean ± std over seeds"),
                                (right, data["differences"], f"− {data['reference']}, paired by seed")):
         for label, by_size in table.items():
             sizes = sorted(by_size)
@@ -118,7 +118,7 @@ def plot_curve(data: dict, path: Path) -> None:
         axis.set_xticks(data["sizes"], [f"{s:,}" for s in data["sizes"]])
         axis.minorticks_off()
         axis.set_xlabel("training images")
-        axis.set_title(title)
+        axis.set_title(title, fontsize=10)
         axis.grid(alpha=0.3)
     right.axhline(0, color="grey", linewidth=1)
     left.legend(fontsize=8)
