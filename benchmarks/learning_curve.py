@@ -12,8 +12,8 @@ only keeps the compute equal across sizes); `vgg16-1k=vgg16,train.epochs=60` and
 Variants found at two sizes or more are printed: mean ± std over seeds of --metric at each size, then the
 differences to --reference, paired by seed within each file. --plot draws both.
 
-Exit codes: 0 printed, 2 bad options (a file that is missing or not a compare JSON, a size that is not a
-positive integer, a --reference that no file has).
+Exit codes: 0 printed, 2 bad options (fewer than two --point, a file that is missing or not a compare JSON, a size
+that is not a positive integer, a --reference that no file has).
 """
 from __future__ import annotations
 
@@ -47,6 +47,9 @@ def load_point(path: Path) -> dict[str, dict[int, dict]]:
             if label in runs:
                 raise ValueError(f"variants {name!r} and another train the same {label}")
             runs[label] = {int(seed): figures for seed, figures in per_run.get(name, {}).items()}
+            for seed, figures in runs[label].items():
+                if not all(isinstance(value, (int, float)) for value in figures.values()):
+                    raise ValueError(f"per_run {name} seed {seed}: a figure that is not a number")
         return {label: by_seed for label, by_seed in runs.items() if by_seed}
     except OSError as error:
         raise ValueError(f"{path}: {error.strerror}") from error
@@ -147,6 +150,8 @@ def main(argv=None) -> int:
         points = dict(parse_point(text) for text in args.point)
         if len(points) != len(args.point):
             raise ValueError("two --point options give the same size")
+        if len(points) < 2:
+            raise ValueError("a curve needs two --point options at least")
         points = {size: load_point(path) for size, path in points.items()}
     except ValueError as error:
         parser.error(str(error))

@@ -65,11 +65,16 @@ def test_the_committed_results_give_the_documented_figures_and_a_plot(tmp_path):
 def test_bad_points_and_references_are_named_without_a_traceback(tmp_path):
     good = RESULTS / "compare-small1k-cpu-2026-12-02.json"
     (tmp_path / "other.json").write_text('{"metrics": {}}')
-    cases = [(("--point", f"1000={tmp_path / 'missing.json'}"), "missing.json"),
-             (("--point", f"1000={tmp_path / 'other.json'}"), "not a benchmarks/compare.py JSON"),
+    text = write_compare(tmp_path / "text.json", {"vgg16": ("vgg16", {})}, {"vgg16": {0: "0.7"}})
+    cases = [(("--point", f"1000={tmp_path / 'missing.json'}", "--point", f"5000={good}"), "missing.json"),
+             (("--point", f"1000={tmp_path / 'other.json'}", "--point", f"5000={good}"),
+              "other.json: not a benchmarks/compare.py JSON"),
+             (("--point", f"1000={text}", "--point", f"5000={good}"), "vgg16 seed 0: a figure that is not a number"),
              (("--point", f"many={good}"), "SIZE=FILE"),
              (("--point", f"1000={good}", "--point", f"1000={good}"), "the same size"),
-             (("--point", f"1000={good}", "--reference", "resnet50"), "--reference resnet50: no file has it")]
+             (("--point", f"1000={good}"), "two --point options at least"),
+             (("--point", f"1000={good}", "--point", f"5000={good}", "--reference", "resnet50"),
+              "--reference resnet50: no file has it")]
     for options, reason in cases:
         done = run_curve(*options)
         assert done.returncode == 2, (options, done.stdout)
