@@ -31,11 +31,22 @@ class Cluster:
         scheduler_file = folder / "scheduler.json"
         self.scheduler = self._start([DASK, "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                                       "--scheduler-file", str(scheduler_file)])
+        try:
+            self.address = self._read_address(scheduler_file)
+        except BaseException:
+            self.kill(self.scheduler)
+            raise
+
+    def _read_address(self, scheduler_file: Path) -> str:
+        """The scheduler writes its file in place, not atomically: until it parses, it is still being written
+        (seen empty under load)."""
         deadline = time.monotonic() + 60
-        while not scheduler_file.exists():
+        while True:
             assert self.scheduler.poll() is None and time.monotonic() < deadline, "the scheduler did not start"
-            time.sleep(0.05)
-        self.address = json.loads(scheduler_file.read_text())["address"]
+            try:
+                return json.loads(scheduler_file.read_text())["address"]
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                time.sleep(0.05)
 
     def _start(self, command: list[str]) -> subprocess.Popen:
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
