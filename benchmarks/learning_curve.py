@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,11 +62,8 @@ def load_point(path: Path) -> dict[str, dict[int, dict]]:
 
 def curve(points: dict[int, dict[str, dict[int, dict]]], metric: str, reference: str) -> dict:
     """{"models": {family: {size: mean_std}}, "differences": {family: {size: paired mean_std}}}."""
-    counts = {}
-    for runs in points.values():
-        for label in runs:
-            counts[label] = counts.get(label, 0) + 1
-    shown = [label for label in dict.fromkeys(l for runs in points.values() for l in runs) if counts[label] >= 2]
+    sizes_found = Counter(label for runs in points.values() for label in runs)     # in the order first seen
+    shown = [label for label, count in sizes_found.items() if count >= 2]
     models, differences = {}, {}
     for size in sorted(points):
         runs = points[size]
