@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vsam_train.experiments.compare import summarize_figures  # noqa: E402
+from vsam_train.experiments.compare import format_mean_std, summarize_figures  # noqa: E402
 
 COMPUTE_ONLY = {"train.epochs"}     # overrides that keep the steps equal across sizes, not another model
 
@@ -92,9 +92,8 @@ def format_curve(data: dict) -> str:
 
 
 def _cell(value: dict | None, signed: bool = False) -> str:
-    if not value:
-        return "–"
-    return f"{value['mean']:{'+' if signed else ''}.3f} ± {value['std']:.3f} ({value['n']})"
+    """The compare table's cell and the number of seeds behind it."""
+    return f"{format_mean_std(value, signed)} ({value['n']})" if value else "–"
 
 
 def plot_curve(data: dict, path: Path) -> None:

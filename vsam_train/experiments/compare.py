@@ -331,7 +331,7 @@ def format_summary(data: dict, reference: str | None = None) -> str:
              "|---|---|" + "---|" * len(columns)]
     for name, values in models.items():
         n = max((v["n"] for v in values.values()), default=0)
-        lines.append(f"| {name} | {n} | " + " | ".join(_cell(values.get(c)) for c in columns) + " |")
+        lines.append(f"| {name} | {n} | " + " | ".join(format_mean_std(values.get(c)) for c in columns) + " |")
     if data.get("majority"):
         lines.append("| majority (train rates) | – | " + " | ".join(
             f"{data['majority'][c]:.3f}" if c in data["majority"] else "–" for c in columns) + " |")
@@ -341,12 +341,13 @@ def format_summary(data: dict, reference: str | None = None) -> str:
         for label, values in data["differences"].items():
             if label.endswith(f" - {reference}"):
                 n = max((v["n"] for v in values.values()), default=0)
-                lines.append(f"| {label} | {n} | " + " | ".join(_cell(values.get(c), signed=True) for c in columns)
+                lines.append(f"| {label} | {n} | " + " | ".join(format_mean_std(values.get(c), signed=True) for c in columns)
                              + " |")
     return "\n".join(lines)
 
 
-def _cell(value: dict | None, signed: bool = False) -> str:
+def format_mean_std(value: dict | None, signed: bool = False) -> str:
+    """A table cell: `0.723 ± 0.001` (`+0.009 ± 0.003` signed), `–` for no value."""
     if not value:
         return "–"
     return f"{value['mean']:{'+' if signed else ''}.3f} ± {value['std']:.3f}"
