@@ -92,3 +92,20 @@ def test_loading_for_inference_leaves_the_optimizer_state_on_disk(tmp_path):
     load_for_inference(tmp_path / "big.pt")
     read = (bytes_read() - before) / 2**20
     assert read < 64, f"read {read:.0f} MB to load a checkpoint with 256 MB of optimizer state"
+
+
+def test_a_checkpoint_written_before_val_figures_were_kept_loads_without_them(tmp_path):
+    from pose_prep.shard_format import Vocabulary
+    from vsam_train.checkpoint import load_for_inference
+    from vsam_train.config import load_config
+    from vsam_train.models import model_from_config
+
+    config = load_config(None, {"model.width": 0.0625, "model.image_size": 64})
+    vocabulary = Vocabulary(attributes=["a", "b"], attribute_groups=["", ""])
+    state = {"model": model_from_config(config, vocabulary).state_dict(), "config": config,
+             "vocabulary": vocabulary.to_json(), "model_name": "vsam", "image_size": 64, "epoch": 1, "step": 1}
+    save_checkpoint(tmp_path / "old.pt", state)
+    _, info = load_for_inference(tmp_path / "old.pt")
+    assert info.val_metrics == {} and (info.epoch, info.step, info.image_size) == (1, 1, 64)
+    save_checkpoint(tmp_path / "odd.pt", {**state, "val_metrics": {"val_AP": 0.5, "note": "text", "flag": True}})
+    assert load_for_inference(tmp_path / "odd.pt")[1].val_metrics == {"val_AP": 0.5}

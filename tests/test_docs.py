@@ -1,4 +1,5 @@
-"""README.md and docs/*.md: every relative link resolves, and README stays a front page.
+"""README.md and docs/*.md: every relative link resolves, README stays a front page, and its Python
+usage snippet runs.
 
 A link to a repository file must name a file or folder that exists; a link with #anchor into a markdown
 file must match one of its headings under GitHub's slug rule (lower case, punctuation dropped, spaces to
@@ -6,11 +7,16 @@ hyphens, repeats numbered -1, -2, ...). Links to web addresses are not fetched.
 """
 from __future__ import annotations
 
+import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
+
+import fixture_set
 
 ROOT = Path(__file__).resolve().parent.parent
 README_MAX_LINES = 300
@@ -120,3 +126,26 @@ def test_every_docs_page_is_linked_from_the_docs_index():
               for _, target in links(ROOT / "docs" / "index.md") if not EXTERNAL.match(target)}
     unlinked = [page.name for page in DOCS if page.name != "index.md" and page.resolve() not in linked]
     assert unlinked == [], f"docs/index.md does not link {unlinked}"
+
+
+def readme_python_snippet() -> str:
+    """The first ```python block under README's "## Python usage"."""
+    text = (ROOT / "README.md").read_text().split("\n## Python usage", 1)[1]
+    return text.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_python_snippet_runs_on_a_trained_checkpoint(tiny_checkpoint):
+    """The snippet as printed, with `make demo`'s checkpoint and photo swapped for the suite's."""
+    snippet = readme_python_snippet()
+    demo_paths = ("demo-out/run/checkpoints/last.pt", "demo-out/images/grace_hopper.jpg")
+    assert all(f'"{path}"' in snippet for path in demo_paths), "the snippet no longer loads make demo's files"
+    photo = sorted(fixture_set.PHOTOS.glob("*.jpg"))[0]
+    for path, ours in zip(demo_paths, (tiny_checkpoint, photo)):
+        snippet = snippet.replace(f'"{path}"', repr(str(ours)))
+    run = subprocess.run([sys.executable, "-W", "error::DeprecationWarning:__main__", "-c", snippet],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    scores = ast.literal_eval(lines[0])       # {attribute: score}; the subset has no categories to print
+    assert len(scores) == 26 and all(0 <= score <= 1 for score in scores.values()), lines[0]
+    assert lines[1:] == ["torch.Size([1, 1, 16, 16])"], run.stdout

@@ -91,12 +91,12 @@ def test_unknown_attribute_is_a_usage_error(tiny_checkpoint, df_val_images, tmp_
 def test_cam_averages_to_the_logit_minus_the_bias(tiny_checkpoint, df_val_images):
     """Global average pooling then a linear layer: the CAM's mean over positions is the logit − bias."""
     model, info = load_for_inference(tiny_checkpoint)
-    images = _one_image(df_val_images, info["image_size"])
+    images = _one_image(df_val_images, info.image_size)
     with torch.no_grad():
         outputs = model(images, return_features=True)
-        title, raw = cam(model, outputs, info["vocabulary"])
+        title, raw = cam(model, outputs, info.vocabulary)
     best = int(outputs["attributes"][0].argmax())
-    assert title.startswith(f"top attribute {info['vocabulary'].attributes[best]} (")
+    assert title.startswith(f"top attribute {info.vocabulary.attributes[best]} (")
     assert raw.shape == outputs["attribute_features"].shape[-2:]
     assert float(raw.mean() + model.attribute_head.fc.bias[best].detach()) == pytest.approx(
         float(outputs["attributes"][0, best]), abs=1e-5)
@@ -106,7 +106,7 @@ def test_grad_cam_and_saliency_match_their_definitions(tiny_checkpoint, df_val_i
     """captum's maps equal the same quantities computed with plain autograd."""
     model, info = load_for_inference(tiny_checkpoint)
     prepare_for_gradients(model)
-    images = _one_image(df_val_images, info["image_size"])
+    images = _one_image(df_val_images, info.image_size)
     attribute = 5
 
     captured = {}
@@ -132,8 +132,8 @@ def test_by_default_the_baseline_explains_the_attributes_the_model_chose(tiny_ch
     assert result.exit_code == 0, result.output
     model, info = load_for_inference(tiny_checkpoint)
     with torch.no_grad():
-        logits = model(_one_image(df_val_images, info["image_size"]))["attributes"][0]
-    top = [info["vocabulary"].attributes[a] for a in torch.argsort(logits, descending=True, stable=True)[:2]]
+        logits = model(_one_image(df_val_images, info.image_size))["attributes"][0]
+    top = [info.vocabulary.attributes[a] for a in torch.argsort(logits, descending=True, stable=True)[:2]]
     folder, = (out / "images").iterdir()
     for key in ("model", "baseline"):
         explained = sorted(p.name[len(f"{key}-gradcam-"):-4] for p in folder.glob(f"{key}-gradcam-*.png"))

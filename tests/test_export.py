@@ -50,12 +50,12 @@ def test_exported_model_gives_the_checkpoints_outputs_on_real_images(fmt, which,
     meta = read_metadata(out)
     expected_outputs = ["attributes", "attention"] if which == "vsam" else ["attributes"]
     assert meta["outputs"] == expected_outputs and meta["model_name"] == which
-    assert meta["vocabulary"]["attributes"] == info["vocabulary"].attributes and meta["image_size"] == 64
+    assert meta["vocabulary"]["attributes"] == info.vocabulary.attributes and meta["image_size"] == 64
     # What predict/eval --model need besides: the training config, heatmap parameters, the preprocessing.
-    assert meta["config"] == info["config"] and meta["heatmap"] == info["heatmap"] and meta["step"] == info["step"]
+    assert meta["config"] == info.config and meta["heatmap"] == info.heatmap and meta["step"] == info.step
     assert "antialias" in meta["preprocess"]["resize"] and meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
 
-    images = _real_batch(df_val_images, info["image_size"])
+    images = _real_batch(df_val_images, info.image_size)
     exported = _run_exported(out, fmt, images)
     with torch.no_grad():
         reference = model(images)

@@ -408,7 +408,7 @@ def test_a_groups_checkpoint_loads_predicts_and_exports(groups_run, tmp_path):
     config, run, _ = groups_run
     model, info = load_for_inference(run / "checkpoints" / "last.pt")
     assert model.group_names == ["texture", "sleeve", "length", "neckline", "fabric", "fit"]
-    assert info["config"]["model"]["attention"] == "groups" and float(model.pooling_mix) == 1.0
+    assert info.config["model"]["attention"] == "groups" and float(model.pooling_mix) == 1.0
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))
     assert out["group_attention"].shape == (1, 6, 16, 16) and out["attributes"].shape == (1, 26)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -33,6 +34,19 @@ def test_preprocess_array_is_data_preprocess_bit_for_bit():
                                       err_msg=path.name)
 
 
+def test_model_info_binds_the_preprocessing_to_the_model_and_reads_as_the_old_dict(tiny_checkpoint):
+    _, info = load_for_inference(tiny_checkpoint)
+    rgb = load(sorted(fixture_set.PHOTOS.glob("*.jpg"))[0])[1].rgb
+    tensor = info.preprocess(rgb)
+    assert tensor.shape == (3, info.image_size, info.image_size) == (3, 64, 64)
+    np.testing.assert_array_equal(tensor.numpy(), preprocess(rgb, 64).numpy())
+    np.testing.assert_array_equal(info.preprocess_array(rgb), tensor.numpy())
+    with pytest.warns(DeprecationWarning, match=r'info\["image_size"\] is deprecated: use info.image_size'):
+        assert info["image_size"] == 64
+    with pytest.raises(KeyError):
+        info["no_such_key"]
+
+
 def test_the_resize_keeps_flat_colours_and_the_shape():
     grey = np.full((301, 199, 3), 117, np.uint8)
     resized = resize_antialiased(grey, 224)
@@ -42,10 +56,10 @@ def test_the_resize_keeps_flat_colours_and_the_shape():
 def test_an_export_carries_what_predict_and_eval_need(tiny_onnx, tiny_checkpoint):
     model, info = load_onnx(tiny_onnx)
     _, expected = load_for_inference(tiny_checkpoint)
-    for key in ("config", "model_name", "image_size", "epoch", "step", "heatmap"):
-        assert info[key] == expected[key], key
-    assert info["vocabulary"] == expected["vocabulary"]
-    assert info["mean"] == pytest.approx(MEAN) and info["std"] == pytest.approx(STD)
+    for key in ("config", "vocabulary", "model_name", "image_size", "epoch", "step", "heatmap", "val_metrics"):
+        assert getattr(info, key) == getattr(expected, key), key
+    assert info.val_metrics["val_AP"] > 0 and "val_group_top1" in info.val_metrics
+    assert info.mean == pytest.approx(MEAN) and info.std == pytest.approx(STD)
     outputs = model.run(np.zeros((2, 3, 64, 64), np.float32))
     assert outputs["attributes"].shape == (2, 26) and outputs["category"] is None
     assert outputs["attention"].shape == (2, 1, 16, 16)
@@ -97,3 +111,16 @@ def test_a_missing_onnx_package_is_one_line_naming_the_extra(tiny_checkpoint, ti
         assert lines[0].startswith(f"vsam {arguments[0]}: ONNX files need {module}, from the 'export' extra: "
                                    "pip install 'vsam[export]' ("), lines[0]
         assert list(out.iterdir()) == []
+
+
+def test_the_package_front_door_imports_torch_only_when_a_torch_name_is_asked_for():
+    code = ("import sys, vsam_train\n"
+            "from vsam_train import ModelInfo, load_model\n"
+            "assert 'torch' not in sys.modules, 'torch imported by the ONNX names'\n"
+            "from vsam_train import create_model, load_for_inference, preprocess\n"
+            "assert 'torch' in sys.modules and callable(create_model) and callable(preprocess)\n"
+            "assert load_for_inference.__module__ == 'vsam_train.checkpoint'\n"
+            "try:\n    vsam_train.no_such_name\nexcept AttributeError as error:\n    print(error)\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "module 'vsam_train' has no attribute 'no_such_name'"

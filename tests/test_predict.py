@@ -44,7 +44,7 @@ def test_ap_from_predict_scores_matches_vsam_eval(tiny_checkpoint, df_shards, df
     predictions = {record["path"]: record for record in _lines(tmp_path / "preds.jsonl")}
     reference, info = predict_split(tiny_checkpoint, df_shards, "val")
     assert sorted(predictions) == sorted(reference["paths"]) and len(predictions) == 24
-    names = info["vocabulary"].attributes
+    names = info.vocabulary.attributes
     scores = np.array([[predictions[path]["attributes"][name] for name in names] for path in reference["paths"]])
     labels = reference["attribute_labels"]
     ap = np.mean([average_precision_score(labels[:, a] == 1, scores[:, a])
@@ -63,7 +63,7 @@ def test_each_line_names_the_image_and_scores_every_attribute(tiny_checkpoint, d
     records = _lines(tmp_path / "preds.jsonl")
     assert [r["path"] for r in records] == sorted(r["path"] for r in records)
     from vsam_train.checkpoint import load_for_inference
-    vocabulary = load_for_inference(tiny_checkpoint)[1]["vocabulary"]
+    vocabulary = load_for_inference(tiny_checkpoint)[1].vocabulary
     for record in records:
         assert record["path"].startswith("summer/img/") and (images / record["path"]).is_file()
         assert record["category"] is None and record["category_prob"] is None   # no categories in this subset

@@ -53,11 +53,14 @@ def test_tiny_training_on_real_shards_lowers_the_loss_and_leaves_a_complete_run_
     assert (state["epoch"], state["step"], state["model_name"]) == (3, 18, "vsam")
     assert state["scheduler"]["last_epoch"] == 18 and len(state["optimizer"]["state"]) > 0
     model, info = load_for_inference(run / "checkpoints" / "last.pt")
-    assert not model.training and info["image_size"] == 64 and len(info["vocabulary"].attributes) == 26
-    assert info["vocabulary"].group_names[1] == "sleeve" and info["config"] == config
+    assert not model.training and info.image_size == 64 and len(info.vocabulary.attributes) == 26
+    assert info.vocabulary.group_names[1] == "sleeve" and info.config == config
+    # The last epoch's val figures travel with the weights: metrics.jsonl's, every number of them.
+    last_val = {key: value for key, value in metrics[-1].items() if key.startswith("val_") and value is not None}
+    assert info.val_metrics == pytest.approx(last_val) and "val_AP" in info.val_metrics
     _, image = load(fixture_set.PHOTOS / fixture_set.split_names("val")[0])
     with torch.no_grad():
-        out = model(preprocess(image.rgb, info["image_size"])[None])
+        out = model(preprocess(image.rgb, info.image_size)[None])
     assert out["attributes"].shape == (1, 26) and out["attention"].shape == (1, 1, 16, 16)
 
     with pytest.raises(RunFolderError, match="pass --resume"):

@@ -52,6 +52,8 @@ import numpy as np
 from pose_prep.atomic import atomic_write_text
 from pose_prep.images import BadImage, decode, printable_name
 
+from .inference import ModelInfo
+
 KINDS = ("missing", "wrong", "swap")
 MISSING, WRONG, SWAP = range(3)
 CALIBRATIONS = ("platt", "isotonic", "raw")
@@ -210,7 +212,7 @@ class AuditResult:
     labels: np.ndarray           # (N, A) as stored
     scores: np.ndarray           # (N, A) the model's sigmoid scores
     vocabulary: object
-    info: dict                   # load_for_inference's
+    info: ModelInfo
 
 
 def score_split(checkpoint: str | Path, shards: str | Path, split: str = "train", *, calibration: str = "platt",
@@ -224,8 +226,8 @@ def score_split(checkpoint: str | Path, shards: str | Path, split: str = "train"
     if result["attribute_scores"] is None:
         raise EvalError(f"{checkpoint}: the model has no attribute head, there are no attribute labels to audit")
     scores, labels = result["attribute_scores"], result["attribute_labels"]
-    ranking = rank_labels(scores, labels, info["vocabulary"], calibration=calibration, paths=result["paths"])
-    return AuditResult(ranking, list(result["paths"]), labels, scores, info["vocabulary"], info)
+    ranking = rank_labels(scores, labels, info.vocabulary, calibration=calibration, paths=result["paths"])
+    return AuditResult(ranking, list(result["paths"]), labels, scores, info.vocabulary, info)
 
 
 def run(checkpoint: str | Path, shards: str | Path, out: str | Path, *, split: str = "train",
@@ -330,8 +332,8 @@ def summarize(audited: AuditResult, listed: np.ndarray, shown: np.ndarray, **set
             "by_kind": {kind: int((r.kind[rows] == k).sum()) for k, kind in enumerate(KINDS)},
             "top": [_row_summary(audited, int(row)) for row in rows[:5]]}
     return {
-        "schema": SCHEMA, "checkpoint": str(settings["checkpoint"]), "model": info["model_name"],
-        "epoch": info["epoch"], "shards": str(settings["shards"]), "split": settings["split"],
+        "schema": SCHEMA, "checkpoint": str(settings["checkpoint"]), "model": info.model_name,
+        "epoch": info.epoch, "shards": str(settings["shards"]), "split": settings["split"],
         "calibration": settings["calibration"], "folds": FOLDS, "n_items": len(audited.paths),
         "n_labels": int(audited.labels.size), "n_judged": len(r),
         "by_kind": {kind: int((r.kind == k).sum()) for k, kind in enumerate(KINDS)},

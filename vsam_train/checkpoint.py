@@ -5,7 +5,8 @@ so the safe loader can read it: "model" (state_dict), "optimizer", "scheduler", 
 completed), "step" (optimizer steps done), "rng" (torch, CUDA, numpy, python states), "config"
 (the resolved config dict), "vocabulary" (JSON text of pose_prep.shard_format.Vocabulary),
 "model_name", "image_size", "heatmap" (the collection's heatmap parameters as JSON text), "world_size"
-(the processes that trained it: a resume must have as many).
+(the processes that trained it: a resume must have as many), "val_metrics" (the val_* figures of the
+epoch it closes, {name: float}; absent in checkpoints written before they were kept).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pose_prep.atomic import atomic_path
 from pose_prep.shard_format import Vocabulary
 
 from .errors import CheckpointError  # noqa: F401 - raised here, and imported from here by callers
+from .inference import ModelInfo, stored_figures
 
 
 # What `load_for_inference` takes from a checkpoint (training also writes optimizer, scheduler, rng...).
@@ -101,13 +103,12 @@ def inference_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode on `device`, info) from a training checkpoint.
-
-    info: "config" (resolved config dict), "vocabulary" (Vocabulary), "model_name", "image_size",
-    "epoch", "step", "heatmap" (dict: the collection's heatmap parameters, may be empty)."""
+def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo]:
+    """(model in eval mode on `device`, ModelInfo) from a training checkpoint: vocabulary, image size,
+    config, last val figures, and `info.preprocess(rgb)`, the pixel path the model was trained with."""
     import json
 
+    from .data import MEAN, STD
     from .models import model_from_config
 
     # Memory-mapped: the optimizer and scheduler state (twice the weights, for Adam) stay on disk, and
@@ -121,9 +122,10 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
         config, vocabulary = state["config"], Vocabulary.from_json(state["vocabulary"])
         model = model_from_config({**config, "model": {**config["model"], "name": state["model_name"]}}, vocabulary)
         model.load_state_dict(state["model"], assign=True)
-        info = {"config": config, "vocabulary": vocabulary, "model_name": state["model_name"],
-                "image_size": int(state["image_size"]), "epoch": int(state["epoch"]), "step": int(state["step"]),
-                "heatmap": json.loads(state.get("heatmap") or "{}")}
+        info = ModelInfo(config=config, vocabulary=vocabulary, model_name=state["model_name"],
+                         image_size=int(state["image_size"]), epoch=int(state["epoch"]), step=int(state["step"]),
+                         heatmap=json.loads(state.get("heatmap") or "{}"), mean=MEAN, std=STD,
+                         val_metrics=stored_figures(state.get("val_metrics")))
     except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: does not hold a usable vsam model ({type(error).__name__}: {error})") from None
     return model.to(device).eval(), info

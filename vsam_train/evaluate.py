@@ -32,16 +32,16 @@ def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val"
     "category_logits", "category_labels", "paths" (in stored order), losses and "attention_mse"."""
     device = inference_device(device or ("cpu" if is_onnx(checkpoint) else None))
     model, info = load_model(checkpoint, device)     # a checkpoint, or an ONNX export (runs on the CPU)
-    config = info["config"]
+    config = info.config
     if config is None:
         raise EvalError(f"{checkpoint}: exported without its training config (an export older than vsam eval "
                         "--model): export it again from its checkpoint")
     decode = "gpu" if device.type == "cuda" and config["data"]["decode"] == "gpu" else "cpu"
-    stream = ShardStream(shards, split, image_size=info["image_size"], train=False, decode=decode,
+    stream = ShardStream(shards, split, image_size=info.image_size, train=False, decode=decode,
                          batch_size=batch_size or config["data"]["eval_batch_size"] or config["train"]["batch_size"],
                          heatmap_joints=config["data"].get("heatmap_joints"),
                          heatmap_sigma=config["data"].get("heatmap_sigma"))
-    check_vocabulary(info["vocabulary"], stream.vocabulary, checkpoint, shards)
+    check_vocabulary(info.vocabulary, stream.vocabulary, checkpoint, shards)
     if stream.n_items == 0:
         raise EvalError(f"{shards}: split {split!r} holds no items")
     criterion = VsamLoss.from_config(config["loss"])
@@ -71,11 +71,11 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
     result, info = predict_split(checkpoint, shards, split, batch_size=batch_size, device=device, workers=workers)
     if result["attribute_scores"] is None:
         raise EvalError(f"{checkpoint}: the model has no attribute head, nothing to evaluate")
-    metrics = compute_metrics(result["attribute_scores"], result["attribute_labels"], info["vocabulary"],
+    metrics = compute_metrics(result["attribute_scores"], result["attribute_labels"], info.vocabulary,
                               result["category_logits"], result["category_labels"])
     metrics.update({
-        "checkpoint": str(checkpoint), "model": info["model_name"], "epoch": info["epoch"], "step": info["step"],
-        "shards": str(shards), "split": split, "image_size": info["image_size"],
+        "checkpoint": str(checkpoint), "model": info.model_name, "epoch": info.epoch, "step": info.step,
+        "shards": str(shards), "split": split, "image_size": info.image_size,
         "loss": result["loss"], "attribute_loss": result["attribute_loss"],
         "category_loss": result["category_loss"], "heatmap_loss": result["heatmap_loss"],
         "attention_mse": result["attention_mse"], "attention_correlation": result["attention_correlation"],

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from pose_prep.images import BadImage, catalog_images, load, printable_name, warn_unreadable
 
 from .checkpoint import inference_device, load_for_inference
-from .data import preprocess
+from .inference import ModelInfo
 
 PANEL_SIZE = 224           # longer side of the pictures written, in pixels
 OVERLAY_ALPHA = 0.5
@@ -171,14 +171,14 @@ def safe_name(name: str) -> str:
 
 # --- one image ---------------------------------------------------------------------------------
 
-def explain_model(model: nn.Module, info: dict, rgb: np.ndarray, attributes: list[int] | None, top: int,
+def explain_model(model: nn.Module, info: ModelInfo, rgb: np.ndarray, attributes: list[int] | None, top: int,
                   folder: Path, out: Path, key: str, label: str, device: torch.device,
                   maps: tuple[str, ...] = MAPS) -> Explanation:
     """Write `key`-*.png for one model and image into `folder`; return its gallery column.
     `attributes` None: the model's own `top` best-scoring ones. `maps`: which of MAPS to draw
     (Ŝ and the group maps are "attention"; the model must have them)."""
-    vocabulary = info["vocabulary"]
-    images = preprocess(rgb, info["image_size"])[None].to(device)
+    vocabulary = info.vocabulary
+    images = info.preprocess(rgb)[None].to(device)
     picture = display_image(rgb)
     explanation = Explanation(label)
 
@@ -237,9 +237,9 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     models = [("model", *load_for_inference(checkpoint, device))]
     if baseline is not None:
         models.append(("baseline", *load_for_inference(baseline, device)))
-    vocabulary = models[0][2]["vocabulary"]
+    vocabulary = models[0][2].vocabulary
     for _, _, info in models[1:]:
-        if info["vocabulary"].attributes != vocabulary.attributes:
+        if info.vocabulary.attributes != vocabulary.attributes:
             raise ExplainError(f"{baseline} predicts other attributes than {checkpoint}: they cannot be compared")
     unknown = [name for name in attributes or [] if name not in vocabulary.attributes]
     if unknown:
@@ -247,9 +247,9 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
                            f"{', '.join(vocabulary.attributes)}")
     for _, model, _ in models:
         prepare_for_gradients(model)
-    labels = {"model": f"{models[0][2]['model_name']} ({Path(checkpoint).name})"}
+    labels = {"model": f"{models[0][2].model_name} ({Path(checkpoint).name})"}
     if baseline is not None:
-        labels["baseline"] = f"baseline: {models[1][2]['model_name']} ({Path(baseline).name})"
+        labels["baseline"] = f"baseline: {models[1][2].model_name} ({Path(baseline).name})"
 
     named = [vocabulary.attributes.index(name) for name in attributes] if attributes else None
     out = Path(out)

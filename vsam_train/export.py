@@ -36,8 +36,7 @@ from torch import nn
 from pose_prep.atomic import atomic_path
 
 from .checkpoint import load_for_inference
-from .data import MEAN, STD
-from .inference import OUTPUTS, onnx_module
+from .inference import OUTPUTS, ModelInfo, onnx_module
 
 FORMATS = ("onnx", "torchscript")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
@@ -81,15 +80,16 @@ PREPROCESS = {"color": "RGB, EXIF orientation applied", "resize": "stretched to 
               "scale": "1/255", "normalize": "(x - mean) / std per channel", "layout": "float32 NCHW"}
 
 
-def metadata(info: dict, outputs: list[str]) -> str:
+def metadata(info: ModelInfo, outputs: list[str]) -> str:
     """The "vsam" metadata: enough to run the file (vsam predict/eval --model, or any ONNX runtime)
     without the checkpoint: outputs, vocabulary, preprocessing, and the training config and heatmap
     parameters that `vsam eval` needs for its losses."""
-    return json.dumps({"outputs": outputs, "vocabulary": json.loads(info["vocabulary"].to_json()),
-                       "image_size": info["image_size"], "mean": list(MEAN), "std": list(STD),
+    return json.dumps({"outputs": outputs, "vocabulary": json.loads(info.vocabulary.to_json()),
+                       "image_size": info.image_size, "mean": list(info.mean), "std": list(info.std),
                        "input": "float32 (B, 3, S, S), RGB, ImageNet-normalised", "preprocess": PREPROCESS,
-                       "model_name": info["model_name"], "epoch": info["epoch"], "step": info["step"],
-                       "config": info["config"], "heatmap": info["heatmap"]}, sort_keys=True)
+                       "model_name": info.model_name, "epoch": info.epoch, "step": info.step,
+                       "config": info.config, "heatmap": info.heatmap, "val_metrics": info.val_metrics},
+                      sort_keys=True)
 
 
 def probe_images(image_size: int, batch: int = PROBE_BATCH) -> torch.Tensor:
@@ -105,9 +105,9 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
     model, info = load_for_inference(checkpoint, "cpu")
-    outputs = present_outputs(model, info["image_size"])
+    outputs = present_outputs(model, info.image_size)
     wrapped = ExportedOutputs(model, outputs).eval()
-    probe = probe_images(info["image_size"])
+    probe = probe_images(info.image_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as temporary:
         if fmt == "onnx":

@@ -1,10 +1,11 @@
 """A model for `vsam predict` and `vsam eval`: a training checkpoint (`--checkpoint FILE.pt`) or a file
 of `vsam export --format onnx` (`--model FILE.onnx`) run by onnxruntime.
 
-`load_model(path)` returns (model, info) for either, with the keys of `checkpoint.load_for_inference`'s
-info: "config", "vocabulary" (Vocabulary), "model_name", "image_size", "epoch", "step", "heatmap";
-an ONNX file adds "mean" and "std". Everything the ONNX file needs travels in its "vsam" metadata
-(export.py); files exported before "config" was added there run in predict, not in eval.
+`load_model(path)` returns (model, ModelInfo) for either, as `checkpoint.load_for_inference` does:
+what the model needs around it (vocabulary, image size, mean and std, the training config, the last
+validation figures) and its preprocessing bound to them (`info.preprocess(rgb)`, a torch tensor;
+`info.preprocess_array(rgb)`, numpy, without torch). Everything the ONNX file needs travels in its
+"vsam" metadata (export.py); files exported before "config" was added there run in predict, not in eval.
 
 The ONNX path of `vsam predict` never imports torch: importing torch alone takes 720 MB of RSS here
 (its CUDA build), more than the whole ONNX path. So this module imports torch only where a torch
@@ -19,6 +20,8 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import warnings
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -29,6 +32,44 @@ from pose_prep.shard_format import Vocabulary
 ONNX_SUFFIX = ".onnx"
 # The outputs a model may have, in the order an export lists them (export.py writes, load_onnx checks).
 OUTPUTS = ("attributes", "category", "attention")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a trained model needs around it, and its preprocessing bound to that (as torchvision's
+    weights carry `.transforms`). From `checkpoint.load_for_inference` and `load_model`.
+
+    `val_metrics`: the val_* figures of the epoch the checkpoint closed (metrics.jsonl's names, e.g.
+    "val_AP", "val_group_top1"); empty for a checkpoint without a val split or written before they
+    were kept. `step` is None only for old exports."""
+
+    config: dict | None            # the resolved training config
+    vocabulary: Vocabulary
+    model_name: str
+    image_size: int
+    epoch: int
+    step: int | None
+    heatmap: dict                  # the collection's heatmap parameters (may be empty)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    val_metrics: dict = field(default_factory=dict)
+
+    def preprocess(self, rgb: np.ndarray):
+        """(H, W, 3) uint8 RGB → (3, S, S) float32 torch tensor: `data.preprocess` at this image size."""
+        from .data import preprocess
+
+        return preprocess(rgb, self.image_size)
+
+    def preprocess_array(self, rgb: np.ndarray) -> np.ndarray:
+        """`preprocess` in numpy, without torch: bit-identical (see the module docstring)."""
+        return preprocess_array(rgb, self.image_size, self.mean, self.std)
+
+    def __getitem__(self, key: str):
+        """info["image_size"], as when info was a dict: kept, with a DeprecationWarning, for code written then."""
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(key)
+        warnings.warn(f'info["{key}"] is deprecated: use info.{key}', DeprecationWarning, stacklevel=2)
+        return getattr(self, key)
 
 
 def onnx_module(name: str):
@@ -77,8 +118,8 @@ def is_onnx(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ONNX_SUFFIX
 
 
-def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, dict]:
-    """(OnnxModel, info) from a file of `vsam export --format onnx`; CheckpointError names what is wrong."""
+def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, ModelInfo]:
+    """(OnnxModel, ModelInfo) from a file of `vsam export --format onnx`; CheckpointError names what is wrong."""
     from .errors import CheckpointError
 
     path = Path(path)
@@ -94,10 +135,11 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, 
         raise CheckpointError(f"{path}: an ONNX model without vsam metadata (not written by vsam export)")
     try:
         meta = json.loads(text)
-        info = {"config": meta.get("config"), "vocabulary": Vocabulary.from_json(json.dumps(meta["vocabulary"])),
-                "model_name": meta["model_name"], "image_size": int(meta["image_size"]), "epoch": int(meta["epoch"]),
-                "step": meta.get("step"), "heatmap": meta.get("heatmap") or {},
-                "mean": [float(v) for v in meta["mean"]], "std": [float(v) for v in meta["std"]]}
+        info = ModelInfo(config=meta.get("config"), vocabulary=Vocabulary.from_json(json.dumps(meta["vocabulary"])),
+                         model_name=meta["model_name"], image_size=int(meta["image_size"]), epoch=int(meta["epoch"]),
+                         step=meta.get("step"), heatmap=meta.get("heatmap") or {},
+                         mean=tuple(float(v) for v in meta["mean"]), std=tuple(float(v) for v in meta["std"]),
+                         val_metrics=stored_figures(meta.get("val_metrics")))
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: its vsam metadata is not usable ({type(error).__name__}: {error})") from None
     if meta.get("outputs") != model.output_names or not set(model.output_names) <= set(OUTPUTS):
@@ -105,8 +147,15 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, 
     return model, info
 
 
-def load_model(path: str | Path, device: str = "cpu"):
-    """(model, info) from a checkpoint, or from an ONNX export (by its .onnx suffix; CPU only)."""
+def stored_figures(values) -> dict:
+    """{name: float} of a stored dict of figures; anything else (absent, damaged) is no figures."""
+    if not isinstance(values, dict):
+        return {}
+    return {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[object, ModelInfo]:
+    """(model, ModelInfo) from a checkpoint, or from an ONNX export (by its .onnx suffix; CPU only)."""
     if is_onnx(path):
         if str(device) != "cpu":
             from .errors import CheckpointError

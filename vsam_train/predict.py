@@ -29,7 +29,6 @@ import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +39,7 @@ from pose_prep.atomic import atomic_path
 from pose_prep.images import BadImage, CatalogImage, catalog_images, load, printable_name, warn_unreadable
 from pose_prep.shard_format import Vocabulary
 
-from .inference import is_onnx, load_model, preprocess_array
+from .inference import is_onnx, load_model
 
 # Images per forward pass. At 224 px a full-width model's first layers hold ~12 MB of activations per
 # image: 8 keeps the ONNX path near 0.7 GB of RSS, at the speed of larger batches (docs/inference.md).
@@ -107,8 +106,7 @@ class OnnxRunner:
 
     def __init__(self, path: str | Path, device: str | None):
         self.model, self.info = load_model(path, device or "cpu")     # CheckpointError for another device
-        self.prepare = partial(preprocess_array, image_size=self.info["image_size"], mean=self.info["mean"],
-                               std=self.info["std"])
+        self.prepare = self.info.preprocess_array      # numpy: no torch in this process
 
     def __call__(self, inputs: list[np.ndarray]) -> dict:
         return self.model.run(np.stack(inputs))
@@ -121,11 +119,10 @@ class TorchRunner:
         import torch
 
         from .checkpoint import inference_device, load_for_inference
-        from .data import preprocess
 
         self.torch, self.device = torch, inference_device(device)
         self.model, self.info = load_for_inference(path, self.device)
-        self.prepare = partial(preprocess, image_size=self.info["image_size"])
+        self.prepare = self.info.preprocess
 
     def __call__(self, inputs: list) -> dict:
         with self.torch.inference_mode():
@@ -166,7 +163,7 @@ def predict_folder(model_file: str | Path, images: str | Path, out, *, threshold
     """Predict every image under `images`; write JSON Lines to `out` (a text stream). `model_file`:
     a training checkpoint, or an ONNX export (by its .onnx suffix); `workers`: decoding threads."""
     runner = OnnxRunner(model_file, device) if is_onnx(model_file) else TorchRunner(model_file, device)
-    vocabulary = runner.info["vocabulary"]
+    vocabulary = runner.info.vocabulary
     found = catalog_images(images, on_error=warn_unreadable(errors))
     summary = PredictSummary(n_images=len(found))
     bar = tqdm(total=len(found), desc="predict", unit="img", disable=not progress, dynamic_ncols=True,

@@ -35,6 +35,7 @@ from .checkpoint import CheckpointError, load_checkpoint, restore_rng_states, rn
 from .config import ConfigError, differences, load_config, save_config
 from .data import ShardStream, decode_on_device, make_loader, read_collection
 from .groups import CorrelationAccumulator, plan_for
+from .inference import stored_figures
 from .losses import VsamLoss
 from .metrics import category_accuracy, compute_metrics, without_nan
 from .models import model_from_config
@@ -396,11 +397,17 @@ def _truncate_jsonl(path: Path, keep) -> None:
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, config: dict, stream: ShardStream) -> dict:
+def checkpoint_state(model, optimizer, scheduler, epoch: int, step: int, config: dict, stream: ShardStream,
+                     record: dict | None = None) -> dict:
+    """What a checkpoint holds (checkpoint.py's docstring); `record`: the epoch's metrics.jsonl line,
+    whose val_* figures travel with the weights (plain floats: numpy scalars would not load with
+    weights_only=True)."""
+    figures = stored_figures({key: value for key, value in (record or {}).items() if key.startswith("val_")})
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "step": step, "rng": rng_states(), "config": config, "world_size": stream.world_size,
             "vocabulary": stream.vocabulary.to_json(), "model_name": config["model"]["name"],
-            "image_size": config["model"]["image_size"], "heatmap": json.dumps(stream.info.heatmap)}
+            "image_size": config["model"]["image_size"], "heatmap": json.dumps(stream.info.heatmap),
+            "val_metrics": figures}
 
 
 def check_world_size(state: dict, world_size: int, batch_size: int, path: Path) -> None:
@@ -567,7 +574,8 @@ def _train(config: dict, shards, run_dir: Path, resume: bool, device_kind: str) 
                 record.update(summarize(evaluate(model, criterion, val_loader, device, config=config), vocabulary))
             if rank == 0:
                 write_checkpoints(checkpoint_dir, checkpoint_state(model, optimizer, scheduler, epoch + 1, step,
-                                                                   config, train_stream), t["keep_epoch_checkpoints"])
+                                                                   config, train_stream, record),
+                                  t["keep_epoch_checkpoints"])
                 log.epoch(record)
                 records.append(record)
             if dist.is_initialized():
