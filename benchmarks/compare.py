@@ -4,7 +4,8 @@
         --variant vgg16 --variant vsam --variant vsam-groups --seeds 0,1,2 --parallel 2
 
 A variant is a model (vgg16, vsam, vsam-groups, resnet50) or `NAME=MODEL,KEY=VALUE,...` for an
-ablation, e.g. `--variant lambda1=vsam,loss.heatmap_loss.weight=1`. Rerun the same command to
+ablation, e.g. `--variant lambda1=vsam,loss.heatmap_loss.weight=1` (NAME: letters, digits, `.`, `_`, `-`,
+not starting with `.`; it names the folder OUT/runs/NAME/). Rerun the same command to
 continue a killed comparison. Prints one line per run started and finished, then a table of
 mean ± std over seeds per variant and of the differences to `--reference` (paired by seed);
 `--json` also copies OUT/compare.json to a file (e.g. under benchmarks/results/).

@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -20,6 +21,39 @@ def test_variants_parse_a_model_or_a_named_model_with_overrides():
         Variant.parse("x=vit")
     with pytest.raises(CompareError, match="KEY=VALUE"):
         Variant.parse("x=vsam,loss")
+
+
+@pytest.mark.parametrize("name", ["vsam-groups-500-lambda0", "vgg16-1k", "vsam_2", "0.5", "-x"])
+def test_variant_names_that_results_and_docs_use_stay_valid(name):
+    assert Variant.parse(f"{name}=vsam").name == name
+
+
+@pytest.mark.parametrize("name", ["/tmp/sweep/escaped", "../x", "a/b", "", ".hidden", "..", "a\nb", "a b", "x" * 101])
+def test_a_variant_name_that_is_not_a_plain_folder_name_is_refused(name):
+    with pytest.raises(CompareError, match="variant name .*letters, digits"):
+        Variant.parse(f"{name}=vsam")
+    with pytest.raises(CompareError, match="variant name"):
+        Variant(name, "vsam")
+
+
+def test_overrides_without_a_name_say_the_expected_form():
+    with pytest.raises(CompareError, match="overrides need a name first; expected MODEL or NAME=MODEL,KEY=VALUE"):
+        Variant.parse("vsam,train.epochs=1")
+
+
+def run_script(*options: str, cwd=None) -> subprocess.CompletedProcess:
+    """benchmarks/compare.py in a process of its own: (exit code, stdout, stderr) of an option error."""
+    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "compare.py"), *options],
+                          capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def test_a_variant_name_that_leaves_out_exits_2_before_any_run(tmp_path):
+    out = tmp_path / "out"
+    for spec in (f"{tmp_path / 'escaped'}=vgg16", "../x=vsam", "a/b=vsam", "=vsam"):
+        done = run_script("--shards", str(tmp_path), "--out", str(out), "--variant", spec, cwd=tmp_path)
+        assert done.returncode == 2, (spec, done.stdout, done.stderr)
+        assert "variant name" in done.stderr and "Traceback" not in done.stderr, (spec, done.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []      # neither OUT nor anything beside it
 
 
 def test_differences_are_paired_by_seed_and_std_is_the_sample_std():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -42,6 +43,12 @@ FIGURES = (("group_top1", ("group_top1", "mean")), ("AP", ("AP",)), ("P@k", ("P@
            ("attention_correlation", ("attention_correlation",)))
 
 
+# A variant's name is a folder of OUT/runs/ and a cell of the tables: one plain folder name, never a
+# path that leaves OUT/runs/ ("../x", "/tmp/x", "a/b"), a hidden or empty folder, or a line break.
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
+VARIANT_FORM = "MODEL or NAME=MODEL,KEY=VALUE,... (e.g. lambda1=vsam,loss.heatmap_loss.weight=1)"
+
+
 class CompareError(ValueError):
     """A comparison that cannot be set up as asked (unknown model, bad variant); says why."""
 
@@ -53,10 +60,15 @@ class Variant:
     model: str
     overrides: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:      # a Variant built in code is checked as a parsed one
+        check_variant_name(self.name)
+
     @classmethod
     def parse(cls, text: str) -> "Variant":
         """`vsam`, or `NAME=MODEL[,KEY=VALUE...]`, e.g. `vsam-l1=vsam,loss.heatmap_loss.weight=1`."""
         name, _, spec = text.partition("=")
+        if "," in name:       # `vsam,train.epochs=1`: overrides without the NAME= they need
+            raise CompareError(f"variant {text!r}: overrides need a name first; expected {VARIANT_FORM}")
         parts = [p.strip() for p in spec.split(",")] if spec else [name]
         model, assignments = parts[0], parts[1:]
         if model not in MODEL_VARIANTS:
@@ -69,6 +81,14 @@ class Variant:
 
     def settings(self, seed: int) -> dict:
         return {**MODEL_VARIANTS[self.model], **self.overrides, "train.seed": seed}
+
+
+def check_variant_name(name: str) -> None:
+    """CompareError unless `name` is a plain folder name: letters, digits, `.`, `_`, `-`, not starting
+    with `.`, at most 100 characters."""
+    if not VARIANT_NAME.fullmatch(name):
+        raise CompareError(f"variant name {name!r}: a name is 1 to 100 letters, digits, '.', '_' or '-', not "
+                           "starting with '.' (e.g. vsam-groups-500-lambda0), since it names a folder of OUT/runs/")
 
 
 @dataclass(frozen=True)
