@@ -10,8 +10,10 @@ continue a killed comparison. Prints one line per run started and finished, then
 mean ± std over seeds per variant and of the differences to `--reference` (paired by seed);
 `--json` also copies OUT/compare.json to a file (e.g. under benchmarks/results/).
 
-Exit codes: 0 every run evaluated, 1 some run failed (its run.log says why), 2 bad options, or an --out
-whose evaluated runs were trained with another config (they are never reused for other figures).
+Exit codes: 0 every run evaluated, 1 some run failed (its run.log says why), 2 bad options (checked before
+any run starts: a --shards that is not a collection with train and val items, a --config that does not load
+with every variant's overrides, a seed train.seed refuses, an --out or --json that cannot be written), or an
+--out whose evaluated runs were trained with another config (they are never reused for other figures).
 """
 from __future__ import annotations
 
@@ -24,8 +26,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vsam_train.config import ConfigError, parse_assignments  # noqa: E402
-from vsam_train.experiments.compare import CompareError, Variant, compare, format_summary  # noqa: E402
+from vsam_train.config import ConfigError, parse_assignments, typed_value  # noqa: E402
+from vsam_train.experiments.compare import (CompareError, Variant, compare, format_summary,  # noqa: E402
+                                            output_problem)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,12 +47,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.settings = parse_assignments(args.settings)
         args.variants = [Variant.parse(v) for v in (args.variants or ["vgg16", "vsam"])]
-        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        args.seeds = parse_seeds(args.seeds)
     except (ConfigError, CompareError, ValueError) as error:
         parser.error(str(error))
-    if not args.seeds or args.parallel < 1:
-        parser.error("--seeds needs at least one seed and --parallel at least 1")
+    if args.parallel < 1:
+        parser.error(f"--parallel {args.parallel}: runs side by side, at least 1")
+    problem = args.json and output_problem(args.json, folder=False)
+    if problem:         # found now, not after hours of runs
+        parser.error(f"--json {args.json}: {problem}")
     return args
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`0,1,2` as [0, 1, 2]: each a train.seed the config accepts, none twice (two runs in one folder)."""
+    seeds = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            seeds.append(typed_value(("train", "seed"), part))
+        except ConfigError as error:
+            raise ValueError(f"--seeds {text}: {error}") from None
+    if not seeds:
+        raise ValueError(f"--seeds {text!r}: give at least one seed, e.g. 0,1,2")
+    twice = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if twice:
+        raise ValueError(f"--seeds {text}: seed {', '.join(map(str, twice))} given twice")
+    return seeds
 
 
 def main(argv=None) -> int:
@@ -62,7 +86,7 @@ def main(argv=None) -> int:
     try:
         data = compare(args.shards, args.out, args.variants, args.seeds, config_file=args.config,
                        settings=args.settings, parallel=args.parallel, log=log, command=sys.argv)
-    except CompareError as error:      # e.g. --out holds runs of another config: nothing was started
+    except CompareError as error:      # bad shards, config, --out, or runs of another config: nothing started
         print(f"compare.py: {error}", file=sys.stderr)
         return 2
     reference = args.reference if args.reference in data["models"] else None

@@ -56,6 +56,29 @@ def test_a_variant_name_that_leaves_out_exits_2_before_any_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []      # neither OUT nor anything beside it
 
 
+def test_bad_shards_config_seeds_out_and_json_exit_2_before_any_run(df_shards, tmp_path):
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    out, tiny = tmp_path / "out", str(REPO_ROOT / "configs" / "tiny.yaml")
+    cases = [(("--shards", str(tmp_path / "missing")), "no shard index here"),
+             (("--out", str(tmp_path / "afile")), "afile: is a file, not a folder"),
+             (("--json", str(tmp_path / "adir")), "--json " + str(tmp_path / "adir") + ": is a folder"),
+             (("--json", str(tmp_path / "afile" / "x.json")), "afile is a file, not a folder"),
+             (("--config", str(tmp_path / "missing.yaml")), "missing.yaml: cannot read config"),
+             (("--config", str(tmp_path / "list.yaml")), "list.yaml: a config is a mapping of sections"),
+             (("--seeds", "-1"), "--seeds -1: train.seed must be an integer in [0, 4294967295]"),
+             (("--seeds", "99999999999999999999999"), "train.seed must be an integer in [0, 4294967295]"),
+             (("--seeds", "0,1,0"), "--seeds 0,1,0: seed 0 given twice"),
+             (("--set", "data.train_split=test"), "no items in split test"),
+             (("--variant", "big=vsam,model.image_size=33"), "model.image_size must be")]
+    for options, reason in cases:      # a repeated --shards, --out or --config: the last one counts
+        done = run_script("--shards", str(df_shards), "--out", str(out), "--config", tiny, *options)
+        assert done.returncode == 2, (options, done.stdout, done.stderr)
+        assert reason in done.stderr and "Traceback" not in done.stderr, (options, done.stderr)
+        assert "start " not in done.stdout and not out.exists(), (options, done.stdout)
+
+
 def test_differences_are_paired_by_seed_and_std_is_the_sample_std():
     def run(top1, ap):
         return {"group_top1": {"mean": top1, "texture": top1}, "AP": ap}

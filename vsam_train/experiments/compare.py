@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -151,6 +152,7 @@ def compare(shards: str | Path, out: str | Path, variants: list[Variant], seeds:
     if len(set(names)) != len(names):
         raise CompareError(f"variant names must differ: {names}")
     config_file = str(config_file) if config_file else None
+    check_setup(shards, out, variants, seeds, config_file, settings)
     jobs = []
     for seed in seeds:                 # seed-major: the models of one seed finish together
         for variant in variants:
@@ -167,7 +169,7 @@ def compare(shards: str | Path, out: str | Path, variants: list[Variant], seeds:
             "config_file": config_file,
             "settings": settings or {}, "seeds": seeds, "parallel": parallel,
             "variants": {v.name: {"model": v.model, "overrides": v.overrides} for v in variants},
-            "majority": _majority_figures(shards)}
+            "majority": _checked_majority_figures(shards)}
     failed = []
 
     def finished(result) -> None:
@@ -182,6 +184,82 @@ def compare(shards: str | Path, out: str | Path, variants: list[Variant], seeds:
     data = _save(out, data, variants, seeds)
     data["failed"] = failed
     return data
+
+
+def check_setup(shards: str | Path, out: Path, variants: list[Variant], seeds: list[int],
+                config_file: str | Path | None = None, settings: dict | None = None) -> None:
+    """CompareError naming the file and the reason for what would make every run fail or the results
+    unwritable: an --out that is not a folder, a config that the overrides of some variant or seed
+    make invalid, a collection without items to train on or evaluate. Checked before any run starts,
+    so that a typo costs no training time and leaves no run folders."""
+    problem = output_problem(out, folder=True)
+    if problem:
+        raise CompareError(f"{out}: {problem}")
+    configs = _run_configs(config_file, settings or {}, variants, seeds)
+    train_splits = sorted({config["data"]["train_split"] for config in configs})
+    _check_collection(shards, train_splits)
+
+
+def _run_configs(config_file: str | Path | None, settings: dict, variants: list[Variant],
+                 seeds: list[int]) -> list[dict]:
+    """The config of every run, loaded and validated as the run will load it."""
+    try:
+        load_config(config_file, settings)    # the file and the common overrides, not to blame on a variant
+        return [_variant_config(config_file, settings, variant, seed) for variant in variants for seed in seeds]
+    except ConfigError as error:
+        raise CompareError(str(error)) from None
+
+
+def _variant_config(config_file: str | Path | None, settings: dict, variant: Variant, seed: int) -> dict:
+    try:
+        return load_config(config_file, {**settings, **variant.settings(seed)})
+    except ConfigError as error:
+        raise ConfigError(f"variant {variant.name}, seed {seed}: {error}") from None
+
+
+def _check_collection(shards: str | Path, train_splits: list[str]) -> None:
+    """CompareError unless `shards` is a readable collection with items in each train split and in val
+    (every run is evaluated on val: RunSpec.split)."""
+    from pose_prep.shard_format import ShardFormatError, live_rows
+
+    from ..data import read_collection
+
+    splits = [*train_splits, *(["val"] if "val" not in train_splits else [])]
+    try:
+        read_collection(shards)
+        empty = [split for split in splits if not live_rows(shards, (split,))]
+    except (ShardFormatError, OSError) as error:
+        raise CompareError(str(error)) from None
+    if empty:
+        raise CompareError(f"{shards}: no items in split {', '.join(empty)}; a comparison trains on "
+                           f"{', '.join(train_splits)} and evaluates on val")
+
+
+def output_problem(path: Path, *, folder: bool) -> str | None:
+    """Why `path` cannot be written as a folder (`folder`) or as a file, its missing parent folders
+    made; None when it can."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != folder:
+        return "is a folder, not a file" if path.is_dir() else "is a file, not a folder"
+    nearest = path if path.is_dir() else next(parent for parent in path.parents if parent.exists())
+    if not nearest.is_dir():
+        return f"{nearest} is a file, not a folder"
+    try:        # a real file, since permissions say little (root, read-only mounts, /proc)
+        with tempfile.TemporaryFile(dir=nearest):
+            pass
+    except OSError as error:
+        return f"cannot write in {nearest} ({error.strerror or error})"
+    return None
+
+
+def _checked_majority_figures(shards) -> dict | None:
+    """`_majority_figures`; a shard it cannot read is a CompareError (nothing has started yet)."""
+    from pose_prep.shard_format import ShardFormatError
+
+    try:
+        return _majority_figures(shards)
+    except ShardFormatError as error:
+        raise CompareError(str(error)) from None
 
 
 def _check_kept_run(folder: Path, config_file: str | None, settings: dict) -> None:
