@@ -12,13 +12,16 @@ only keeps the compute equal across sizes); `vgg16-1k=vgg16,train.epochs=60` and
 Variants found at two sizes or more are printed: mean ± std over seeds of --metric at each size, then the
 differences to --reference, paired by seed within each file. --plot draws both.
 
-Exit codes: 0 printed, 2 bad options (fewer than two --point, a file that is missing or not a compare JSON, a size
-that is not a positive integer, a --reference that no file has).
+Exit codes: 0 printed, 2 bad options (fewer than two --point, a file that is missing or not a compare JSON, a figure
+that is not a finite number, a seed key not written as compare writes it, a size that is not a positive integer, a
+--reference that no file has, a --plot that does not end in .png, .pdf or .svg or cannot be written).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -26,9 +29,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from vsam_train.experiments.compare import format_mean_std, summarize_figures  # noqa: E402
+from vsam_train.experiments.compare import format_mean_std, output_problem, summarize_figures  # noqa: E402
 
 COMPUTE_ONLY = {"train.epochs"}     # overrides that keep the steps equal across sizes, not another model
+SEED_KEY = re.compile(r"0|[1-9][0-9]*")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")     # of matplotlib's savefig formats, those a page or a paper takes
 
 
 def family(variant: dict) -> str:
@@ -47,10 +52,8 @@ def load_point(path: Path) -> dict[str, dict[int, dict]]:
             label = family(variant)
             if label in runs:
                 raise ValueError(f"variants {name!r} and another train the same {label}")
-            runs[label] = {int(seed): figures for seed, figures in per_run.get(name, {}).items()}
-            for seed, figures in runs[label].items():
-                if not all(isinstance(value, (int, float)) for value in figures.values()):
-                    raise ValueError(f"per_run {name} seed {seed}: a figure that is not a number")
+            runs[label] = {_seed(name, key): _figures(name, key, figures)
+                           for key, figures in per_run.get(name, {}).items()}
         return {label: by_seed for label, by_seed in runs.items() if by_seed}
     except OSError as error:
         raise ValueError(f"{path}: {error.strerror}") from error
@@ -58,6 +61,21 @@ def load_point(path: Path) -> dict[str, dict[int, dict]]:
         raise ValueError(f"{path}: not a benchmarks/compare.py JSON ({type(error).__name__}: {error})") from error
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from error
+
+
+def _seed(variant: str, key: str) -> int:
+    """A per_run seed key as compare writes it: `0`, `12`; `00` or `+0` would merge silently with `0`."""
+    if not SEED_KEY.fullmatch(key):
+        raise ValueError(f"per_run {variant}: seed key {key!r} is not a seed as compare writes one (0, 1, 2, ...)")
+    return int(key)
+
+
+def _figures(variant: str, seed: str, figures: dict) -> dict:
+    """The figures of one run, each a finite number (true/false and NaN would pass into the means)."""
+    for key, value in figures.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"per_run {variant} seed {seed}: figure {key} is {json.dumps(value)}, not a finite number")
+    return figures
 
 
 def curve(points: dict[int, dict[str, dict[int, dict]]], metric: str, reference: str) -> dict:
@@ -127,6 +145,13 @@ def plot_curve(data: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def plot_problem(path: Path) -> str | None:
+    """Why the curve cannot be drawn into `path` (its folder made if missing), or None."""
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        return f"the file name must end in {', '.join(PLOT_SUFFIXES)} (the suffix picks the format)"
+    return output_problem(path, folder=False)
+
+
 def parse_point(text: str) -> tuple[int, Path]:
     size, sep, path = text.partition("=")
     if not sep or not size.strip().isdigit() or int(size) < 1:
@@ -141,8 +166,11 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", default="vgg16", help="Variant the differences are taken to (default vgg16).")
     parser.add_argument("--metric", default="group_top1",
                         help="A compare figure: group_top1 (default), AP, P@k, group_top1/neckline, ...")
-    parser.add_argument("--plot", type=Path, help="Also draw the curve into this PNG.")
+    parser.add_argument("--plot", help=f"Also draw the curve into this file ({', '.join(PLOT_SUFFIXES)}).")
     args = parser.parse_args(argv)
+    problem = args.plot is not None and plot_problem(Path(args.plot))
+    if problem:           # now, not after the table; the text as given (Path("") would show ".")
+        parser.error(f"--plot {args.plot!r}: {problem}")
     try:
         points = dict(parse_point(text) for text in args.point)
         if len(points) != len(args.point):
@@ -159,8 +187,8 @@ def main(argv=None) -> int:
     if not data["models"]:
         parser.error(f"--metric {args.metric}: no variant found at two sizes has it")
     print(format_curve(data))
-    if args.plot:
-        plot_curve(data, args.plot)
+    if args.plot is not None:
+        plot_curve(data, Path(args.plot))
         print(f"plot: {args.plot}")
     return 0
 

@@ -69,7 +69,8 @@ def test_bad_points_and_references_are_named_without_a_traceback(tmp_path):
     cases = [(("--point", f"1000={tmp_path / 'missing.json'}", "--point", f"5000={good}"), "missing.json"),
              (("--point", f"1000={tmp_path / 'other.json'}", "--point", f"5000={good}"),
               "other.json: not a benchmarks/compare.py JSON"),
-             (("--point", f"1000={text}", "--point", f"5000={good}"), "vgg16 seed 0: a figure that is not a number"),
+             (("--point", f"1000={text}", "--point", f"5000={good}"),
+              "text.json: per_run vgg16 seed 0: figure group_top1 is \"0.7\", not a finite number"),
              (("--point", f"many={good}"), "SIZE=FILE"),
              (("--point", f"1000={good}", "--point", f"1000={good}"), "the same size"),
              (("--point", f"1000={good}"), "two --point options at least"),
@@ -79,3 +80,49 @@ def test_bad_points_and_references_are_named_without_a_traceback(tmp_path):
         done = run_curve(*options)
         assert done.returncode == 2, (options, done.stdout)
         assert reason in done.stderr and "Traceback" not in done.stderr, (options, done.stderr)
+
+
+def test_figures_that_are_nan_or_true_false_and_seed_keys_written_twice_are_refused(tmp_path):
+    good = RESULTS / "compare-small1k-cpu-2026-12-02.json"
+    nan = write_compare(tmp_path / "nan.json", {"vgg16": ("vgg16", {})}, {"vgg16": {0: float("nan")}})
+    true = write_compare(tmp_path / "true.json", {"vgg16": ("vgg16", {})}, {"vgg16": {0: True}})
+    twice = tmp_path / "twice.json"
+    twice.write_text(json.dumps({"variants": {"vgg16": {"model": "vgg16", "overrides": {}}},
+                                 "per_run": {"vgg16": {"0": {"group_top1": 0.7}, "00": {"group_top1": 0.1}}}}))
+    for path, reason in ((nan, "nan.json: per_run vgg16 seed 0: figure group_top1 is NaN, not a finite number"),
+                         (true, "true.json: per_run vgg16 seed 0: figure group_top1 is true, not a finite number"),
+                         (twice, "twice.json: per_run vgg16: seed key '00' is not a seed as compare writes one")):
+        done = run_curve("--point", f"1000={path}", "--point", f"5000={good}")
+        assert done.returncode == 2, (path, done.stdout)
+        assert reason in done.stderr and "Traceback" not in done.stderr, (path, done.stderr)
+        assert "nan" not in done.stdout, done.stdout
+
+
+def test_a_plot_that_cannot_be_written_exits_2_before_the_table(tmp_path):
+    points = ("--point", f"1000={RESULTS / 'compare-small1k-cpu-2026-12-02.json'}",
+              "--point", f"5000={RESULTS / 'compare-small-lambda0-cpu-2026-12-01.json'}")
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir.png").mkdir()
+    cases = [(tmp_path / "afile" / "p.png", "afile is a file, not a folder"),
+             (tmp_path / "p.xyz", "must end in .png, .pdf, .svg"),
+             (tmp_path / "adir.png", "is a folder, not a file"),
+             (tmp_path / "adir.png" / "..", "must end in"),
+             ("", "must end in"),
+             ("/proc/p.png", "cannot write in /proc")]
+    for plot, reason in cases:
+        done = run_curve(*points, "--plot", str(plot))
+        assert done.returncode == 2, (plot, done.stdout, done.stderr)
+        assert f"--plot {str(plot)!r}: " in done.stderr and reason in done.stderr, (plot, done.stderr)
+        assert "Traceback" not in done.stderr, (plot, done.stderr)
+        assert done.stdout == "", (plot, done.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir.png", "afile"]
+
+
+def test_a_plot_in_a_missing_folder_is_drawn_as_pdf_or_svg(tmp_path):
+    points = ("--point", f"1000={RESULTS / 'compare-small1k-cpu-2026-12-02.json'}",
+              "--point", f"5000={RESULTS / 'compare-small-lambda0-cpu-2026-12-01.json'}")
+    for name, magic in (("curve.pdf", b"%PDF"), ("curve.svg", b"<?xml")):
+        plot = tmp_path / "new" / name
+        done = run_curve(*points, "--plot", str(plot))
+        assert done.returncode == 0, done.stderr
+        assert plot.read_bytes()[:len(magic)] == magic
