@@ -94,6 +94,29 @@ def test_loading_for_inference_leaves_the_optimizer_state_on_disk(tmp_path):
     assert read < 64, f"read {read:.0f} MB to load a checkpoint with 256 MB of optimizer state"
 
 
+def _small_state() -> dict:
+    """The inference keys of a real (untrained) tiny VSAM checkpoint, 64 px."""
+    from pose_prep.shard_format import Vocabulary
+    from vsam_train.config import load_config
+    from vsam_train.models import model_from_config
+
+    config = load_config(None, {"model.width": 0.0625, "model.image_size": 64})
+    vocabulary = Vocabulary(attributes=["a", "b"], attribute_groups=["", ""])
+    return {"model": model_from_config(config, vocabulary).state_dict(), "config": config,
+            "vocabulary": vocabulary.to_json(), "model_name": "vsam", "image_size": 64, "epoch": 1, "step": 1}
+
+
+@pytest.mark.parametrize("image_size", [0, -64, 100000, 33, "abc"])
+def test_a_stored_image_size_no_model_takes_is_refused_naming_the_checkpoint(tmp_path, image_size):
+    """0 divided by zero in predict's resize, 100000 allocated until the kernel killed the process."""
+    from vsam_train.checkpoint import load_for_inference
+
+    save_checkpoint(tmp_path / "odd.pt", {**_small_state(), "image_size": image_size})
+    with pytest.raises(CheckpointError, match=rf"odd.pt: image_size {image_size!r} is not usable "
+                                              r"\(an integer in \[32, 1024\] and a multiple of 32\)"):
+        load_for_inference(tmp_path / "odd.pt")
+
+
 def test_a_checkpoint_written_before_val_figures_were_kept_loads_without_them(tmp_path):
     from pose_prep.shard_format import Vocabulary
     from vsam_train.checkpoint import load_for_inference

@@ -20,7 +20,7 @@ from pose_prep.atomic import atomic_path
 from pose_prep.shard_format import Vocabulary
 
 from .errors import CheckpointError  # noqa: F401 - raised here, and imported from here by callers
-from .inference import ModelInfo, stored_figures
+from .inference import ModelInfo, stored_figures, usable_image_size
 
 
 # What `load_for_inference` takes from a checkpoint (training also writes optimizer, scheduler, rng...).
@@ -118,12 +118,13 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     missing = [key for key in INFERENCE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{path}: not a vsam checkpoint (no {', '.join(missing)})")
+    image_size = usable_image_size(state["image_size"], path)
     try:
         config, vocabulary = state["config"], Vocabulary.from_json(state["vocabulary"])
         model = model_from_config({**config, "model": {**config["model"], "name": state["model_name"]}}, vocabulary)
         model.load_state_dict(state["model"], assign=True)
         info = ModelInfo(config=config, vocabulary=vocabulary, model_name=state["model_name"],
-                         image_size=int(state["image_size"]), epoch=int(state["epoch"]), step=int(state["step"]),
+                         image_size=image_size, epoch=int(state["epoch"]), step=int(state["step"]),
                          heatmap=json.loads(state.get("heatmap") or "{}"), mean=MEAN, std=STD,
                          val_metrics=stored_figures(state.get("val_metrics")))
     except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as error:

@@ -143,7 +143,9 @@ class Range:
 # [low, high] list: the interval of each bound.
 RANGES = {
     ("model", "width"): Range(0, 4, low_open=True),
-    ("model", "image_size"): Range(32, multiple_of=32),     # five stride-2 poolings
+    # Five stride-2 poolings need a multiple of 32. Above 1024 (21× the paper's 224² pixels) a full-width
+    # VGG16 needs over a GB of activations per image, and a typo (224000) terabytes: refused before allocating.
+    ("model", "image_size"): Range(32, 1024, multiple_of=32),
     ("model", "dropout"): Range(0, 1, high_open=True),
     ("model", "attention_scale"): Range(0),
     ("model", "group_channels"): Range(1),
