@@ -128,7 +128,11 @@ BAD_SETTINGS = [
     ("data.augment.crop_scale=[1.0, 0.5]", "data.augment.crop_scale must be a list [low, high]"),
     ("data.augment.crop_scale=0.5", "data.augment.crop_scale must be a list [low, high]"),
     ("data.val_split=vall", "data.val_split is 'vall'; choose one of train, val, test, none (or null)"),
-    ("data.heatmap_sigma=0", "data.heatmap_sigma must be a number > 0 or null"),
+    ("data.heatmap_sigma=0", "data.heatmap_sigma must be a number in [0.1, 100] or null"),
+    ("data.heatmap_sigma=1e-300", "data.heatmap_sigma must be a number in [0.1, 100] or null, got '1e-300'"),
+    ("data.heatmap_sigma=1000", "data.heatmap_sigma must be a number in [0.1, 100] or null"),
+    ("train.cpu_threads=100000", "train.cpu_threads must be an integer in [1, 1024] or null, got '100000'"),
+    ("train.cpu_threads=0", "train.cpu_threads must be an integer in [1, 1024] or null"),
     ("data.heatmap_joints=hands", "data.heatmap_joints: 'hands' is neither"),
     ("model.group_joints.collar=[elbow]", "model.group_joints.collar: 'elbow' is neither"),
 ]

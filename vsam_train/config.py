@@ -163,12 +163,15 @@ RANGES = {
     ("train", "max_steps_per_epoch"): Range(1),
     ("train", "seed"): Range(0, 2**32 - 1),                 # numpy's seeds
     ("train", "log_every"): Range(1),
-    ("train", "cpu_threads"): Range(1),
+    # torch allocates per thread up front: 100000 was a MemoryError. 1024 is above any CPU's cores.
+    ("train", "cpu_threads"): Range(1, 1024),
     ("data", "num_workers"): Range(0),
     ("data", "shuffle_buffer"): Range(0),
     ("data", "eval_batch_size"): Range(1),
     ("data", "max_val_batches"): Range(1),
-    ("data", "heatmap_sigma"): Range(0, low_open=True),
+    # In heatmap pixels (1.5 stored by prep, 3 in docs/experiments.md). Below 0.1 the Gaussian lights
+    # no cell (1e-300 squared is 0: a ZeroDivisionError in the loader); above 100 it covers any heatmap flat.
+    ("data", "heatmap_sigma"): Range(0.1, 100),
     ("data", "augment", "p"): Range(0, 1),
     ("data", "augment", "flip"): Range(0, 1),
     ("data", "augment", "jitter"): Range(0, 1),             # factors drawn in [1 - jitter, 1 + jitter]
