@@ -146,6 +146,19 @@ def test_predict_and_eval_with_a_huge_image_size_are_one_line_and_exit_1(tiny_on
     assert not (tmp_path / "p.jsonl").exists()
 
 
+def test_eval_refuses_an_export_whose_config_is_not_a_config(tiny_onnx, df_shards, tmp_path):
+    """eval reads its batch size and losses from the export's config (a TypeError traceback before)."""
+    from click.testing import CliRunner
+
+    from cli import EXIT_FAILED, main
+
+    crafted = _with_metadata(tiny_onnx, tmp_path, lambda meta: {**meta, "config": "x"})
+    result = CliRunner().invoke(main, ["eval", "--model", str(crafted), "--shards", str(df_shards)])
+    assert result.exit_code == EXIT_FAILED
+    assert result.output == (f"vsam eval: {crafted}: its stored config is not usable "
+                             "(a config is a mapping of sections, got str)\n")
+
+
 def test_a_missing_onnx_package_is_one_line_naming_the_extra(tiny_checkpoint, tiny_onnx, df_val_images, tmp_path,
                                                             monkeypatch):
     """Importing onnxruntime (predict --model) or onnx (export --format onnx) fails as it does for a

@@ -119,8 +119,9 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     if missing:
         raise CheckpointError(f"{path}: not a vsam checkpoint (no {', '.join(missing)})")
     image_size = usable_image_size(state["image_size"], path)
+    config = stored_config(path, state["config"])
     try:
-        config, vocabulary = state["config"], Vocabulary.from_json(state["vocabulary"])
+        vocabulary = Vocabulary.from_json(state["vocabulary"])
         model = model_from_config({**config, "model": {**config["model"], "name": state["model_name"]}}, vocabulary)
         model.load_state_dict(state["model"], assign=True)
         info = ModelInfo(config=config, vocabulary=vocabulary, model_name=state["model_name"],
@@ -130,3 +131,14 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: does not hold a usable vsam model ({type(error).__name__}: {error})") from None
     return model.to(device).eval(), info
+
+
+def stored_config(path: Path, config) -> dict:
+    """The checkpoint's training config, typed and checked as a config file is: eval and audit size
+    their batches and losses from it (a batch size of 0 was a ZeroDivisionError there)."""
+    from .config import ConfigError, validate_stored
+
+    try:
+        return validate_stored(config)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: its stored config is not usable ({error})") from None

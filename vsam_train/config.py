@@ -469,9 +469,25 @@ def validate(config: dict) -> None:
                           "(the baselines have no attention branch)")
 
 
+def validate_stored(config) -> dict:
+    """A typed copy of a config read back from a checkpoint or an export, checked as `validate` checks
+    one read from a file (a ConfigError names the key). Keys added to DEFAULTS since it was saved may be
+    absent; its sections may not."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config is a mapping of sections, got {type(config).__name__}")
+    missing = [section for section in DEFAULTS if section not in config]
+    if missing:
+        raise ConfigError(f"no section {', '.join(missing)}")
+    config = copy.deepcopy(config)
+    validate(config)
+    return config
+
+
 def _typed_tree(node: dict, prefix: tuple) -> None:
     for key, value in node.items():
         keys = prefix + (key,)
+        if prefix not in OPEN_MAPPINGS and key not in _default(prefix):   # a stored config: not _merge'd
+            raise ConfigError(f"unknown config key {'.'.join(map(str, keys))!r}")
         if schema_type(keys) is dict:
             _typed_tree(_section(keys, value), keys)
         else:

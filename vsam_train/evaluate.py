@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pose_prep.atomic import atomic_write_text
 
-from .checkpoint import inference_device
+from .checkpoint import inference_device, stored_config
 from .data import ShardStream, make_loader
 from .inference import is_onnx, load_model
 from .losses import VsamLoss
@@ -36,6 +36,8 @@ def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val"
     if config is None:
         raise EvalError(f"{checkpoint}: exported without its training config (an export older than vsam eval "
                         "--model): export it again from its checkpoint")
+    if is_onnx(checkpoint):     # checked here, not in load_onnx: the check imports torch, which predict never does
+        config = stored_config(checkpoint, config)
     decode = "gpu" if device.type == "cuda" and config["data"]["decode"] == "gpu" else "cpu"
     stream = ShardStream(shards, split, image_size=info.image_size, train=False, decode=decode,
                          batch_size=batch_size or config["data"]["eval_batch_size"] or config["train"]["batch_size"],
