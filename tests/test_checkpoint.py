@@ -37,6 +37,26 @@ def test_a_pickle_with_code_or_a_damaged_file_is_refused(tmp_path):
         load_checkpoint(tmp_path / "none.pt")
 
 
+def test_an_empty_file_or_another_file_named_pt_is_named_for_what_it_is(tmp_path):
+    """torch's message for both was "mmap can only be used with files saved with
+    torch.save(_use_new_zipfile_serialization=True)", which says neither what the file is nor what is wrong."""
+    empty, text = tmp_path / "empty.pt", tmp_path / "json.pt"
+    empty.write_bytes(b"")
+    text.write_text('{"model": 1}')
+    for mmap in (True, False):
+        with pytest.raises(CheckpointError, match=r"empty.pt: not a vsam checkpoint \(empty file, 0 bytes\)"):
+            load_checkpoint(empty, mmap=mmap)
+        with pytest.raises(CheckpointError, match=r"json.pt: not a torch checkpoint \(a file torch.save writes starts "
+                                                  r"with a zip or pickle header; this one starts with b'\{\"mo'\)"):
+            load_checkpoint(text, mmap=mmap)
+
+
+def test_a_legacy_torch_file_loads_even_when_memory_mapping_is_asked_for(tmp_path):
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(3.0)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_checkpoint(legacy, mmap=True)["w"], torch.arange(3.0))
+
+
 def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     torch.manual_seed(1), np.random.seed(2), random.seed(3)
     save_checkpoint(tmp_path / "c.pt", {"rng": rng_states()})

@@ -67,6 +67,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    if not _zip_archive(path):
+        mmap = False        # a legacy torch.save file: torch can read it, but not memory-mapped
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # unpickling errors, truncated zip archives, foreign files
@@ -74,6 +76,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(state, dict):     # e.g. torch.save(tensor) or a bare state_dict's list
         raise CheckpointError(f"{path}: not a vsam checkpoint (holds a {type(state).__name__}, not a dict)")
     return state
+
+
+# How torch.save's files begin: a zip archive (torch >= 1.6), or a pickle (the legacy format).
+_ZIP_MAGIC, _PICKLE_PROTOCOL = b"PK\x03\x04", b"\x80"
+
+
+def _zip_archive(path: Path) -> bool:
+    """Whether `path` is torch's zip format; CheckpointError when it is no torch file at all. torch's own
+    message for those (an empty file, a JSON file renamed .pt) is about mmap or a pickle load key."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(_ZIP_MAGIC))
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({error.strerror or error})") from None
+    if not head:
+        raise CheckpointError(f"{path}: not a vsam checkpoint (empty file, 0 bytes)")
+    if head != _ZIP_MAGIC and not head.startswith(_PICKLE_PROTOCOL):
+        raise CheckpointError(f"{path}: not a torch checkpoint (a file torch.save writes starts with a zip or pickle "
+                              f"header; this one starts with {head!r})")
+    return head == _ZIP_MAGIC
 
 
 def rng_states() -> dict:
