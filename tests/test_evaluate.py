@@ -128,6 +128,21 @@ def test_scores_that_are_not_finite_are_one_line_naming_the_checkpoint(tiny_chec
                              "of the 24 items of split 'val': its weights may be damaged\n")
 
 
+def test_a_missing_shard_is_named_as_missing_not_as_a_concurrent_change(tiny_checkpoint, df_shards, tmp_path):
+    import shutil
+
+    from pose_prep.shard_format import live_rows
+
+    shards = tmp_path / "shards"
+    shutil.copytree(df_shards, shards)
+    missing = next(iter(live_rows(shards, ("val",))))
+    missing.unlink()
+    result = CliRunner().invoke(vsam, ["eval", "--checkpoint", str(tiny_checkpoint), "--shards", str(shards)])
+    assert result.exit_code == 1
+    assert f"{missing}: listed in the index but missing (vsam shards verify {shards}" in result.output, result.output
+    assert "changed under this reader" not in result.output
+
+
 def test_nan_becomes_null_at_any_depth():
     assert without_nan({"a": float("nan"), "b": [1.0, float("nan")], "c": {"d": float("nan")}}) == \
         {"a": None, "b": [1.0, None], "c": {"d": None}}
