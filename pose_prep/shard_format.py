@@ -781,6 +781,7 @@ def snapshot(folder: str | Path, splits: tuple[str, ...] | None = None) -> Snaps
     """The collection now (optionally only items of `splits`), leased: see `Snapshot`. A shard that
     leaves the collection between the index read and its lease makes it read the index again."""
     folder = Path(folder)
+    gone_each_time = set()       # (shard files listed, the one gone) of each attempt
     for _ in range(SNAPSHOT_ATTEMPTS):
         with open_index(folder, readonly=True) as connection:
             connection.execute("BEGIN")       # one read transaction: meta and rows of one instant
@@ -789,8 +790,14 @@ def snapshot(folder: str | Path, splits: tuple[str, ...] | None = None) -> Snaps
             connection.rollback()
         try:
             return Snapshot(folder, meta, rows, leases.hold(list(rows)))
-        except leases.Gone:
-            continue
+        except leases.Gone as gone:
+            gone_each_time.add((tuple(rows), str(gone)))
+    if len(gone_each_time) == 1:
+        # The index listed the same files every time and the same one was missing: no prep-pose retired
+        # it meanwhile (that removes it from the index first); it is missing, as `vsam shards verify` says.
+        (_, missing), = gone_each_time
+        raise ShardFormatError(f"{missing}: listed in the index but missing (vsam shards verify {folder} "
+                               "lists every problem of the collection)")
     raise ShardFormatError(f"{folder}: the collection changed under this reader {SNAPSHOT_ATTEMPTS} times while it "
                            "took its snapshot (a prep-pose run retiring shards); try again")
 

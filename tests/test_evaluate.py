@@ -109,6 +109,40 @@ def test_an_empty_split_an_unreadable_checkpoint_and_other_labels_are_named(tiny
     check_vocabulary(trained, collection_vocabulary(df_shards), "ckpt.pt", "shards/")
 
 
+@pytest.mark.parametrize("command", ["eval", "audit"])
+def test_scores_that_are_not_finite_are_one_line_naming_the_checkpoint(tiny_checkpoint, df_shards, tmp_path, command):
+    """NaN weights: eval said "scores contain NaN or infinite values" without naming the checkpoint,
+    audit printed scikit-learn's multi-line message."""
+    import torch
+
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    state["model"] = {name: tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+                      for name, tensor in state["model"].items()}
+    broken = tmp_path / "nan.pt"
+    torch.save(state, broken)
+    extra = ["--out", str(tmp_path / "audit"), "--workers", "0"] if command == "audit" else []
+    result = CliRunner().invoke(vsam, [command, "--checkpoint", str(broken), "--shards", str(df_shards),
+                                       "--split", "val", *extra])
+    assert result.exit_code == 1
+    assert result.output == (f"vsam {command}: {broken}: the model's scores are not finite (NaN or infinite) for 24 "
+                             "of the 24 items of split 'val': its weights may be damaged\n")
+
+
+def test_a_missing_shard_is_named_as_missing_not_as_a_concurrent_change(tiny_checkpoint, df_shards, tmp_path):
+    import shutil
+
+    from pose_prep.shard_format import live_rows
+
+    shards = tmp_path / "shards"
+    shutil.copytree(df_shards, shards)
+    missing = next(iter(live_rows(shards, ("val",))))
+    missing.unlink()
+    result = CliRunner().invoke(vsam, ["eval", "--checkpoint", str(tiny_checkpoint), "--shards", str(shards)])
+    assert result.exit_code == 1
+    assert f"{missing}: listed in the index but missing (vsam shards verify {shards}" in result.output, result.output
+    assert "changed under this reader" not in result.output
+
+
 def test_nan_becomes_null_at_any_depth():
     assert without_nan({"a": float("nan"), "b": [1.0, float("nan")], "c": {"d": float("nan")}}) == \
         {"a": None, "b": [1.0, None], "c": {"d": None}}

@@ -87,6 +87,78 @@ def test_files_that_are_not_vsam_exports_are_named(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
 
 
+def _with_metadata(exported, folder, change) -> "Path":
+    """A copy of the export `exported` whose "vsam" metadata text is `change(metadata dict)` (a dict: as JSON)."""
+    model = onnx.load(str(exported))
+    entry = next(p for p in model.metadata_props if p.key == "vsam")
+    changed = change(json.loads(entry.value))
+    entry.value = changed if isinstance(changed, str) else json.dumps(changed)
+    path = folder / "crafted.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _fewer_attributes(meta: dict) -> dict:
+    vocabulary = meta["vocabulary"]
+    for key in ("attributes", "attribute_groups"):
+        vocabulary[key] = vocabulary[key][:2]
+    return meta
+
+
+UNUSABLE = r"its vsam metadata is not usable \(ValueError: "
+CRAFTED_METADATA = [
+    (lambda meta: "[1]", r"its vsam metadata is not usable \(a JSON list, not an object\)"),
+    (lambda meta: "{not json", r"its vsam metadata is not usable \(not JSON"),
+    (lambda meta: {**meta, "image_size": 0}, r"image_size 0 is not usable \(an integer in \[32, 1024\]"),
+    (lambda meta: {**meta, "image_size": -64}, r"image_size -64 is not usable"),
+    # Loading it was enough to be OOM-killed in eval: refused before anything is allocated.
+    (lambda meta: {**meta, "image_size": 100000}, r"image_size 100000 is not usable"),
+    (lambda meta: {**meta, "image_size": 96}, r"its graph takes images of shape \['batch', 3, 64, 64\], "
+                                              r"not \[batch, 3, 96, 96\]"),
+    (lambda meta: {**meta, "mean": [0.5]}, UNUSABLE + r"mean must be 3 finite numbers, got \[0.5\]"),
+    (lambda meta: {**meta, "std": [0, 0, 0]}, UNUSABLE + r"std must be 3 finite numbers, each > 0"),
+    (lambda meta: {**meta, "std": ["a", 1, 1]}, UNUSABLE + r"std must be 3 finite numbers"),
+    (_fewer_attributes, r"its attributes output has shape \['batch', 26\], but its metadata's vocabulary names 2"),
+]
+
+
+@pytest.mark.parametrize("change, message", CRAFTED_METADATA, ids=range(len(CRAFTED_METADATA)))
+def test_metadata_a_model_cannot_run_with_is_refused_naming_the_file(tiny_onnx, tmp_path, change, message):
+    with pytest.raises(CheckpointError, match=r"crafted.onnx: " + message):
+        load_onnx(_with_metadata(tiny_onnx, tmp_path, change))
+
+
+def test_predict_and_eval_with_a_huge_image_size_are_one_line_and_exit_1(tiny_onnx, df_val_images, df_shards,
+                                                                         tmp_path):
+    """predict died of a numpy MemoryError, eval was killed by the kernel (22 GB)."""
+    from click.testing import CliRunner
+
+    from cli import EXIT_FAILED, main
+
+    crafted = _with_metadata(tiny_onnx, tmp_path, lambda meta: {**meta, "image_size": 100000})
+    for arguments in (["predict", "--model", str(crafted), "--images", str(df_val_images),
+                       "--out", str(tmp_path / "p.jsonl")],
+                      ["eval", "--model", str(crafted), "--shards", str(df_shards)]):
+        result = CliRunner().invoke(main, arguments)
+        assert result.exit_code == EXIT_FAILED, result.output
+        assert result.output == (f"vsam {arguments[0]}: {crafted}: image_size 100000 is not usable "
+                                 "(an integer in [32, 1024] and a multiple of 32)\n")
+    assert not (tmp_path / "p.jsonl").exists()
+
+
+def test_eval_refuses_an_export_whose_config_is_not_a_config(tiny_onnx, df_shards, tmp_path):
+    """eval reads its batch size and losses from the export's config (a TypeError traceback before)."""
+    from click.testing import CliRunner
+
+    from cli import EXIT_FAILED, main
+
+    crafted = _with_metadata(tiny_onnx, tmp_path, lambda meta: {**meta, "config": "x"})
+    result = CliRunner().invoke(main, ["eval", "--model", str(crafted), "--shards", str(df_shards)])
+    assert result.exit_code == EXIT_FAILED
+    assert result.output == (f"vsam eval: {crafted}: its stored config is not usable "
+                             "(a config is a mapping of sections, got str)\n")
+
+
 def test_a_missing_onnx_package_is_one_line_naming_the_extra(tiny_checkpoint, tiny_onnx, df_val_images, tmp_path,
                                                             monkeypatch):
     """Importing onnxruntime (predict --model) or onnx (export --format onnx) fails as it does for a

@@ -116,6 +116,45 @@ def test_bad_files_get_an_error_line_and_a_stderr_line_and_the_run_goes_on(tiny_
     assert _lines(tmp_path / "none.jsonl") == [{"path": "empty.jpg", "error": "empty file (0 bytes)"}]
 
 
+def _with_nan_weights(checkpoint: Path, path: Path) -> Path:
+    import torch
+
+    state = torch.load(checkpoint, weights_only=True)
+    state["model"] = {name: tensor.fill_(float("nan")) if tensor.is_floating_point() else tensor
+                      for name, tensor in state["model"].items()}
+    torch.save(state, path)
+    return path
+
+
+def _strict_json(line: str):
+    return json.loads(line, parse_constant=lambda constant: pytest.fail(f"{constant} is not JSON: {line}"))
+
+
+def test_scores_that_are_not_finite_are_an_error_line_per_image_not_nan(tiny_checkpoint, df_val_images, tmp_path):
+    """NaN weights: predict wrote "category_prob": NaN (not JSON) and exited 0."""
+    from vsam_train.predict import NOT_FINITE
+
+    broken = _with_nan_weights(tiny_checkpoint, tmp_path / "nan.pt")
+    out = tmp_path / "preds.jsonl"
+    result = _predict(broken, df_val_images, out)
+    assert result.exit_code == 1 and "no image under" in result.output, result.output
+    records = [_strict_json(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 24 and all(set(r) == {"path", "error"} and r["error"] == NOT_FINITE for r in records)
+    assert "24 images: 0 predicted, 24 failed" in result.output
+    assert f"failed: {records[0]['path']}: {NOT_FINITE}" in result.output
+
+
+def test_only_the_rows_whose_logits_are_not_finite_are_flagged():
+    from vsam_train.predict import finite_rows
+
+    attributes = np.array([[0.0, 1.0], [np.nan, 1.0], [2.0, np.inf], [-1.0, -3.0]], np.float32)
+    category = np.array([[0.0], [0.0], [0.0], [-np.inf]], np.float32)
+    assert finite_rows({"attributes": attributes, "category": None, "attention": None}).tolist() == \
+        [True, False, False, True]
+    assert finite_rows({"attributes": attributes, "category": category, "attention": None}).tolist() == \
+        [True, False, False, False]
+
+
 def test_predict_runs_without_a_pose_detector_and_writes_to_stdout(tiny_checkpoint, df_val_images):
     """A real process: no pose detector module (nor mediapipe) is ever imported; '-' is stdout."""
     script = ("import sys\n"

@@ -186,6 +186,38 @@ def test_verify_names_a_flipped_byte_and_an_index_mismatch(tmp_path):
     assert f"{tmp_path / 'b/shard-000002.h5'}: listed in the index but missing" in sf.verify_collection(tmp_path / "b")
 
 
+def test_a_snapshot_names_a_listed_shard_that_is_missing_as_verify_does(tmp_path):
+    """Missing at every attempt while the index lists the same files: not a concurrent change (the
+    reader said "the collection changed under this reader 5 times ... try again")."""
+    _collection(tmp_path)
+    missing = tmp_path / "shard-000002.h5"
+    missing.unlink()
+    with pytest.raises(sf.ShardFormatError) as error:
+        sf.snapshot(tmp_path)
+    assert str(error.value).startswith(f"{missing}: listed in the index but missing (vsam shards verify {tmp_path}")
+    assert f"{missing}: listed in the index but missing" in sf.verify_collection(tmp_path)
+
+
+def test_a_shard_retired_between_the_index_read_and_the_lease_makes_the_snapshot_read_again(tmp_path, monkeypatch):
+    from pose_prep import leases
+
+    _collection(tmp_path)
+    hold, attempts = leases.hold, []
+
+    def retire_then_hold(paths):
+        if not attempts:       # what a prep-pose run does meanwhile: unlist shard 2, then remove it
+            with sf.open_index(tmp_path) as connection:
+                sf.retire_files(connection, [f"2/shop/ünï_{i}.jpg" for i in range(2)])
+                sf.remove_orphans(tmp_path, connection)
+        attempts.append([p.name for p in paths])
+        return hold(paths)
+
+    monkeypatch.setattr(leases, "hold", retire_then_hold)
+    with sf.snapshot(tmp_path) as snapshot:
+        assert [p.name for p in snapshot.rows] == ["shard-000001.h5"]
+    assert attempts == [["shard-000001.h5", "shard-000002.h5"], ["shard-000001.h5"]]
+
+
 @pytest.mark.parametrize("name", ["drop#2", "100%", "what?", "ünï code"])
 def test_index_in_a_folder_with_uri_characters_is_opened_read_only(tmp_path, name):
     folder = tmp_path / name

@@ -20,7 +20,7 @@ from pose_prep.atomic import atomic_path
 from pose_prep.shard_format import Vocabulary
 
 from .errors import CheckpointError  # noqa: F401 - raised here, and imported from here by callers
-from .inference import ModelInfo, stored_figures
+from .inference import ModelInfo, stored_figures, usable_image_size
 
 
 # What `load_for_inference` takes from a checkpoint (training also writes optimizer, scheduler, rng...).
@@ -67,6 +67,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    if not _zip_archive(path):
+        mmap = False        # a legacy torch.save file: torch can read it, but not memory-mapped
     try:
         state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:  # unpickling errors, truncated zip archives, foreign files
@@ -74,6 +76,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     if not isinstance(state, dict):     # e.g. torch.save(tensor) or a bare state_dict's list
         raise CheckpointError(f"{path}: not a vsam checkpoint (holds a {type(state).__name__}, not a dict)")
     return state
+
+
+# How torch.save's files begin: a zip archive (torch >= 1.6), or a pickle (the legacy format).
+_ZIP_MAGIC, _PICKLE_PROTOCOL = b"PK\x03\x04", b"\x80"
+
+
+def _zip_archive(path: Path) -> bool:
+    """Whether `path` is torch's zip format; CheckpointError when it is no torch file at all. torch's own
+    message for those (an empty file, a JSON file renamed .pt) is about mmap or a pickle load key."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(len(_ZIP_MAGIC))
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({error.strerror or error})") from None
+    if not head:
+        raise CheckpointError(f"{path}: not a vsam checkpoint (empty file, 0 bytes)")
+    if head != _ZIP_MAGIC and not head.startswith(_PICKLE_PROTOCOL):
+        raise CheckpointError(f"{path}: not a torch checkpoint (a file torch.save writes starts with a zip or pickle "
+                              f"header; this one starts with {head!r})")
+    return head == _ZIP_MAGIC
 
 
 def rng_states() -> dict:
@@ -118,14 +140,27 @@ def load_for_inference(path: str | Path, device: str | torch.device = "cpu") -> 
     missing = [key for key in INFERENCE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{path}: not a vsam checkpoint (no {', '.join(missing)})")
+    image_size = usable_image_size(state["image_size"], path)
+    config = stored_config(path, state["config"])
     try:
-        config, vocabulary = state["config"], Vocabulary.from_json(state["vocabulary"])
+        vocabulary = Vocabulary.from_json(state["vocabulary"])
         model = model_from_config({**config, "model": {**config["model"], "name": state["model_name"]}}, vocabulary)
         model.load_state_dict(state["model"], assign=True)
         info = ModelInfo(config=config, vocabulary=vocabulary, model_name=state["model_name"],
-                         image_size=int(state["image_size"]), epoch=int(state["epoch"]), step=int(state["step"]),
+                         image_size=image_size, epoch=int(state["epoch"]), step=int(state["step"]),
                          heatmap=json.loads(state.get("heatmap") or "{}"), mean=MEAN, std=STD,
                          val_metrics=stored_figures(state.get("val_metrics")))
     except (KeyError, IndexError, AttributeError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: does not hold a usable vsam model ({type(error).__name__}: {error})") from None
     return model.to(device).eval(), info
+
+
+def stored_config(path: Path, config) -> dict:
+    """The checkpoint's training config, typed and checked as a config file is: eval and audit size
+    their batches and losses from it (a batch size of 0 was a ZeroDivisionError there)."""
+    from .config import ConfigError, validate_stored
+
+    try:
+        return validate_stored(config)
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: its stored config is not usable ({error})") from None

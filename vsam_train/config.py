@@ -143,7 +143,9 @@ class Range:
 # [low, high] list: the interval of each bound.
 RANGES = {
     ("model", "width"): Range(0, 4, low_open=True),
-    ("model", "image_size"): Range(32, multiple_of=32),     # five stride-2 poolings
+    # Five stride-2 poolings need a multiple of 32. Above 1024 (21× the paper's 224² pixels) a full-width
+    # VGG16 needs over a GB of activations per image, and a typo (224000) terabytes: refused before allocating.
+    ("model", "image_size"): Range(32, 1024, multiple_of=32),
     ("model", "dropout"): Range(0, 1, high_open=True),
     ("model", "attention_scale"): Range(0),
     ("model", "group_channels"): Range(1),
@@ -161,12 +163,15 @@ RANGES = {
     ("train", "max_steps_per_epoch"): Range(1),
     ("train", "seed"): Range(0, 2**32 - 1),                 # numpy's seeds
     ("train", "log_every"): Range(1),
-    ("train", "cpu_threads"): Range(1),
+    # torch allocates per thread up front: 100000 was a MemoryError. 1024 is above any CPU's cores.
+    ("train", "cpu_threads"): Range(1, 1024),
     ("data", "num_workers"): Range(0),
     ("data", "shuffle_buffer"): Range(0),
     ("data", "eval_batch_size"): Range(1),
     ("data", "max_val_batches"): Range(1),
-    ("data", "heatmap_sigma"): Range(0, low_open=True),
+    # In heatmap pixels (1.5 stored by prep, 3 in docs/experiments.md). Below 0.1 the Gaussian lights
+    # no cell (1e-300 squared is 0: a ZeroDivisionError in the loader); above 100 it covers any heatmap flat.
+    ("data", "heatmap_sigma"): Range(0.1, 100),
     ("data", "augment", "p"): Range(0, 1),
     ("data", "augment", "flip"): Range(0, 1),
     ("data", "augment", "jitter"): Range(0, 1),             # factors drawn in [1 - jitter, 1 + jitter]
@@ -464,9 +469,25 @@ def validate(config: dict) -> None:
                           "(the baselines have no attention branch)")
 
 
+def validate_stored(config) -> dict:
+    """A typed copy of a config read back from a checkpoint or an export, checked as `validate` checks
+    one read from a file (a ConfigError names the key). Keys added to DEFAULTS since it was saved may be
+    absent; its sections may not."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"a config is a mapping of sections, got {type(config).__name__}")
+    missing = [section for section in DEFAULTS if section not in config]
+    if missing:
+        raise ConfigError(f"no section {', '.join(missing)}")
+    config = copy.deepcopy(config)
+    validate(config)
+    return config
+
+
 def _typed_tree(node: dict, prefix: tuple) -> None:
     for key, value in node.items():
         keys = prefix + (key,)
+        if prefix not in OPEN_MAPPINGS and key not in _default(prefix):   # a stored config: not _merge'd
+            raise ConfigError(f"unknown config key {'.'.join(map(str, keys))!r}")
         if schema_type(keys) is dict:
             _typed_tree(_section(keys, value), keys)
         else:

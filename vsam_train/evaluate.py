@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from pose_prep.atomic import atomic_write_text
 
-from .checkpoint import inference_device
+from .checkpoint import inference_device, stored_config
 from .data import ShardStream, make_loader
 from .inference import is_onnx, load_model
 from .losses import VsamLoss
@@ -36,6 +38,8 @@ def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val"
     if config is None:
         raise EvalError(f"{checkpoint}: exported without its training config (an export older than vsam eval "
                         "--model): export it again from its checkpoint")
+    if is_onnx(checkpoint):     # checked here, not in load_onnx: the check imports torch, which predict never does
+        config = stored_config(checkpoint, config)
     decode = "gpu" if device.type == "cuda" and config["data"]["decode"] == "gpu" else "cpu"
     stream = ShardStream(shards, split, image_size=info.image_size, train=False, decode=decode,
                          batch_size=batch_size or config["data"]["eval_batch_size"] or config["train"]["batch_size"],
@@ -46,7 +50,20 @@ def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val"
         raise EvalError(f"{shards}: split {split!r} holds no items")
     criterion = VsamLoss.from_config(config["loss"])
     loader = make_loader(stream, workers, pin_memory=device.type == "cuda")
-    return evaluate(model, criterion, loader, device, config=config), info
+    result = evaluate(model, criterion, loader, device, config=config)
+    _check_finite(result, checkpoint, split)
+    return result, info
+
+
+def _check_finite(result: dict, checkpoint, split: str) -> None:
+    """NaN or infinite scores come from the model (NaN weights, an overflow), not from the labels:
+    say so naming it, before the metrics (or audit's calibration) fail on them without a name."""
+    for name in ("attribute_scores", "category_logits"):
+        scores = result[name]
+        if scores is not None and not np.isfinite(scores).all():
+            items = int((~np.isfinite(scores).reshape(len(scores), -1).all(axis=1)).sum())
+            raise EvalError(f"{checkpoint}: the model's scores are not finite (NaN or infinite) for {items} of the "
+                            f"{len(scores)} items of split {split!r}: its weights may be damaged")
 
 
 def check_vocabulary(trained, collection, checkpoint, shards) -> None:

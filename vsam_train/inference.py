@@ -130,21 +130,88 @@ def load_onnx(path: str | Path, threads: int | None = None) -> tuple[OnnxModel, 
         model = OnnxModel(path, threads)
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot load
         raise CheckpointError(f"{path}: not a readable ONNX model ({' '.join(str(error).split())[:300]})") from None
+    info = _model_info(path, _vsam_metadata(path, model))
+    _check_graph_shapes(path, model.session, info)
+    return model, info
+
+
+def _vsam_metadata(path: Path, model: OnnxModel) -> dict:
+    """The file's "vsam" metadata: a JSON object whose "outputs" are the graph's."""
+    from .errors import CheckpointError
+
     text = model.session.get_modelmeta().custom_metadata_map.get("vsam")
     if text is None:
         raise CheckpointError(f"{path}: an ONNX model without vsam metadata (not written by vsam export)")
     try:
         meta = json.loads(text)
-        info = ModelInfo(config=meta.get("config"), vocabulary=Vocabulary.from_json(json.dumps(meta["vocabulary"])),
-                         model_name=meta["model_name"], image_size=int(meta["image_size"]), epoch=int(meta["epoch"]),
-                         step=meta.get("step"), heatmap=meta.get("heatmap") or {},
-                         mean=tuple(float(v) for v in meta["mean"]), std=tuple(float(v) for v in meta["std"]),
-                         val_metrics=stored_figures(meta.get("val_metrics")))
-    except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path}: its vsam metadata is not usable ({type(error).__name__}: {error})") from None
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its vsam metadata is not usable (not JSON: {error})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its vsam metadata is not usable (a JSON {type(meta).__name__}, "
+                              "not an object)")
     if meta.get("outputs") != model.output_names or not set(model.output_names) <= set(OUTPUTS):
         raise CheckpointError(f"{path}: outputs {model.output_names} do not match its metadata's {meta.get('outputs')}")
-    return model, info
+    return meta
+
+
+def _model_info(path: Path, meta: dict) -> ModelInfo:
+    from pose_prep.shard_format import ShardFormatError
+
+    from .errors import CheckpointError
+
+    try:
+        return ModelInfo(config=meta.get("config"), vocabulary=Vocabulary.parse(json.dumps(meta["vocabulary"]), path),
+                         model_name=meta["model_name"], image_size=usable_image_size(meta["image_size"], path),
+                         epoch=int(meta["epoch"]), step=meta.get("step"), heatmap=meta.get("heatmap") or {},
+                         mean=_channel_figures(meta["mean"], "mean"),
+                         std=_channel_figures(meta["std"], "std", positive=True),
+                         val_metrics=stored_figures(meta.get("val_metrics")))
+    except ShardFormatError as error:
+        raise CheckpointError(str(error)) from None
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: its vsam metadata is not usable ({type(error).__name__}: {error})") from None
+
+
+def usable_image_size(value, path: str | Path) -> int:
+    """A stored image size, when it is one that model.image_size may take (config.RANGES); else a
+    CheckpointError naming `path`: 0 divides by zero in the resize, 100000 allocates terabytes."""
+    from .config import RANGES
+    from .errors import CheckpointError
+
+    allowed = RANGES[("model", "image_size")]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise CheckpointError(f"{path}: image_size {value!r} is not usable (an integer {allowed})")
+    return value
+
+
+def _channel_figures(values, name: str, positive: bool = False) -> tuple[float, float, float]:
+    """mean or std: one finite number per RGB channel (std > 0: the normalisation divides by it)."""
+    usable = (isinstance(values, list) and len(values) == 3
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+              and (not positive or min(values) > 0))
+    if not usable:
+        raise ValueError(f"{name} must be 3 finite numbers{', each > 0' if positive else ''}, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
+def _check_graph_shapes(path: Path, session, info: ModelInfo) -> None:
+    """The metadata against the shapes the graph declares (where they are numbers, not "batch"): a
+    mismatch fails later inside onnxruntime (InvalidArgument), or names the scores wrongly."""
+    from .errors import CheckpointError
+
+    declared = session.get_inputs()[0].shape
+    expected = [3, info.image_size, info.image_size]
+    if len(declared) != 4 or any(isinstance(d, int) and d != e for d, e in zip(declared[1:], expected)):
+        raise CheckpointError(f"{path}: its graph takes images of shape {declared}, not "
+                              f"[batch, {', '.join(map(str, expected))}] as its metadata's image_size says")
+    names = {"attributes": info.vocabulary.attributes, "category": info.vocabulary.categories}
+    for output in session.get_outputs():
+        if output.name not in names:
+            continue
+        columns = output.shape[1] if len(output.shape) == 2 else None
+        if len(output.shape) != 2 or (isinstance(columns, int) and columns != len(names[output.name])):
+            raise CheckpointError(f"{path}: its {output.name} output has shape {output.shape}, but its metadata's "
+                                  f"vocabulary names {len(names[output.name])} {output.name}")
 
 
 def stored_figures(values) -> dict:

@@ -12,10 +12,11 @@ Output: JSON Lines, one line per image found, in sorted path order:
                                              # subset): each group's best-scoring attribute
 
 A file that cannot be used (unreadable, not an image, truncated, a decompression bomb, a name that
-is not valid UTF-8, ...) gets the line {"path": ..., "error": "<reason>"} instead, and one line
-"failed: PATH: REASON" on stderr, as prep does; the run goes on. So every image found has exactly
-one line, and a reader skips the lines with an "error" key. Paths are written as
-pose_prep.images.catalog_images names them (a name that is not valid UTF-8: "caf\\xe9.jpg").
+is not valid UTF-8, ...), or whose scores are not finite (a model with NaN weights), gets the line
+{"path": ..., "error": "<reason>"} instead, and one line "failed: PATH: REASON" on stderr, as prep
+does; the run goes on. So every image found has exactly one line, and a reader skips the lines with
+an "error" key. Paths are written as pose_prep.images.catalog_images names them (a name that is not
+valid UTF-8: "caf\\xe9.jpg").
 
 The model is a training checkpoint (torch; only its weights are read, memory-mapped) or a file of
 `vsam export --format onnx` (`--model`: onnxruntime, with preprocessing in numpy, so that torch is
@@ -153,6 +154,20 @@ def prediction_records(outputs: dict, vocabulary: Vocabulary, threshold: float) 
     return records
 
 
+# The "error" of an image whose logits are NaN or infinite: a damaged model (NaN weights) or an overflow,
+# not a prediction (and NaN is not JSON).
+NOT_FINITE = "the model's scores for this image are not finite (NaN or infinite): its weights may be damaged"
+
+
+def finite_rows(outputs: dict) -> np.ndarray:
+    """Per row of the outputs: whether every attribute and category logit is a finite number."""
+    finite = np.ones(_rows(outputs), bool)
+    for name in ("attributes", "category"):
+        if outputs[name] is not None:
+            finite &= np.isfinite(outputs[name]).reshape(len(finite), -1).all(axis=1)
+    return finite
+
+
 def _rows(outputs: dict) -> int:
     return next(v.shape[0] for v in outputs.values() if v is not None)
 
@@ -171,16 +186,21 @@ def predict_folder(model_file: str | Path, images: str | Path, out, *, threshold
     for indices, inputs, failures in decoded_batches(ImageFiles(found, runner.prepare), batch_size, workers):
         lines = {}
         if inputs:
-            for index, record in zip(indices, prediction_records(runner(inputs), vocabulary, threshold)):
-                lines[index] = {"path": found[index].name, **record}
+            outputs = runner(inputs)
+            records = prediction_records(outputs, vocabulary, threshold)
+            for index, record, finite in zip(indices, records, finite_rows(outputs)):
+                if finite:
+                    lines[index] = {"path": found[index].name, **record}
+                else:
+                    failures.append((index, NOT_FINITE))
         for index, reason in failures:
             lines[index] = {"path": found[index].name, "error": reason}
             tqdm.write(f"failed: {printable_name(found[index].name)}: {reason}", file=errors or sys.stderr)
         for index in sorted(lines):
             out.write(json.dumps(lines[index], ensure_ascii=False) + "\n")
-        summary.n_predicted += len(indices)
+        summary.n_predicted += len(lines) - len(failures)
         summary.n_failed += len(failures)
-        bar.update(len(indices) + len(failures))
+        bar.update(len(lines))
     bar.close()
     return summary
 
