@@ -1,6 +1,8 @@
 """`vsam export`: the exported file gives the checkpoint's outputs on real images."""
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main as vsam
+from fifo_reader import read_fifo_in_thread
 from pose_prep.images import find_images, load
 from vsam_train.checkpoint import load_for_inference
 from vsam_train.data import preprocess
@@ -90,3 +93,16 @@ def test_a_mismatch_beyond_the_tolerance_is_refused_and_a_broken_checkpoint_name
     result = CliRunner().invoke(vsam, ["export", "--checkpoint", str(broken), "--format", "onnx"])
     assert result.exit_code == 1 and f"{broken}: not a readable vsam checkpoint" in result.output
     assert not (tmp_path / "broken.onnx").exists()
+
+
+def test_an_export_into_a_fifo_is_checked_first_then_streamed_and_the_fifo_stays(tiny_checkpoint, tmp_path):
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    reader, received = read_fifo_in_thread(fifo)
+    result = CliRunner().invoke(vsam, ["export", "--checkpoint", str(tiny_checkpoint), "--format", "onnx",
+                                       "--out", str(fifo)])
+    reader.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(received[0], providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["attributes", "attention"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]

@@ -25,15 +25,19 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from pose_prep.atomic import atomic_path
+from pose_prep.atomic import atomic_path, is_stream, make_parent_folder
 
 from .checkpoint import load_for_inference
 from .inference import OUTPUTS, ModelInfo, onnx_module
@@ -108,8 +112,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
     outputs = present_outputs(model, info.image_size)
     wrapped = ExportedOutputs(model, outputs).eval()
     probe = probe_images(info.image_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as temporary:
+    make_parent_folder(out)
+    with _checked_file(out) as temporary:
         if fmt == "onnx":
             _write_onnx(wrapped, probe, outputs, metadata(info, outputs), temporary)
             exported = run_onnx(temporary, probe)
@@ -120,6 +124,22 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
             expected = [t.numpy() for t in wrapped(probe)]
         difference = check_same_outputs(exported, expected, outputs)
     return ExportResult(out, outputs, difference)
+
+
+@contextmanager
+def _checked_file(out: Path) -> Iterator[Path]:
+    """A regular file to write the export to and load it back from, published at `out` when the block
+    completes: atomic_path's temporary file, or, when `out` is a stream (a FIFO, /dev/stdout), a file
+    in a temporary folder, copied into the stream once checked (a stream cannot be read back)."""
+    if not is_stream(out):
+        with atomic_path(out) as temporary:
+            yield temporary
+        return
+    with tempfile.TemporaryDirectory(prefix="vsam-export-") as folder:
+        temporary = Path(folder) / out.name
+        yield temporary
+        with open(temporary, "rb") as source, atomic_path(out) as stream, open(stream, "wb") as target:
+            shutil.copyfileobj(source, target)
 
 
 def check_same_outputs(exported: list[np.ndarray], expected: list[np.ndarray], names: list[str]) -> float:
