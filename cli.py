@@ -582,11 +582,15 @@ def export_command(checkpoint, fmt, out) -> None:
     attribute (and category) logits and Ŝ; vocabulary and preprocessing in the file's metadata.
     The file is loaded back and checked against the checkpoint before it is kept.
 
-    Exit codes: 0 written and checked, 1 the checkpoint cannot be used or the export does not match."""
-    from vsam_train.export import ExportError, export_checkpoint
+    Exit codes: 0 written and checked, 1 the checkpoint cannot be used (its outputs are not finite) or
+    the export does not match, 2 bad options (an --out that is the checkpoint, or whose suffix says
+    the other format: .onnx is ONNX)."""
+    from vsam_train.export import ExportError, ExportOptionError, export_checkpoint
 
     try:
         result = export_checkpoint(checkpoint, fmt, out)
+    except ExportOptionError as error:
+        _fail("export", error, EXIT_USAGE)
     except (ExportError, *_inference_errors()) as error:
         _fail("export", error, EXIT_FAILED)
     click.echo(f"{result.path}: outputs {', '.join(result.outputs)}; largest difference from the checkpoint "
