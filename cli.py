@@ -340,14 +340,15 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
           decode, compile, deterministic, assignments, resume, device) -> None:
     """Train VSAM (or a baseline) on a shard folder; under torchrun, with DDP.
 
-    Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config, 75
-    another `vsam train` is running in --out (one run per folder; try again later)."""
+    Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config (also an
+    --out that holds files but is not a run folder), 75 another `vsam train` is running in --out (one
+    run per folder; try again later)."""
     from pose_prep.lock import Busy
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.checkpoint import CheckpointError
     from vsam_train.config import ConfigError
     from vsam_train.models import PretrainedWeightsError
-    from vsam_train.train import RunFolderError, main as train_main, resolve_run_config
+    from vsam_train.train import NotARunFolder, RunFolderError, main as train_main, resolve_run_config
 
     overrides = {key: value for key, value in (
         ("model.name", model), ("model.attention", attention), ("train.epochs", epochs),
@@ -361,7 +362,7 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
         summary = train_main(config, shards, out, resume=resume, device=device)
     except Busy as error:
         _fail("train", error, EXIT_BUSY)
-    except ConfigError as error:
+    except (ConfigError, NotARunFolder) as error:
         _fail("train", error, EXIT_USAGE)
     except (RunFolderError, ShardFormatError, PretrainedWeightsError, CheckpointError, OSError, ValueError,
             FloatingPointError) as error:     # OSError: a full disk (DiskFull), an --out that cannot be made
@@ -507,7 +508,8 @@ def explain_command(checkpoint, baseline, images, out, attributes, top, limit, p
     OUT/index.html, a gallery with the baseline beside the model.
 
     Exit codes: 0 done (also when some files were bad: listed in the gallery and on stderr), 1 no
-    image could be explained or a checkpoint cannot be used, 2 bad options (unknown attribute)."""
+    image could be explained or a checkpoint cannot be used, 2 bad options (unknown attribute, an --out
+    that holds files but is not an explain gallery)."""
     from vsam_train.explain import ExplainError, explain_folder
 
     names = [name.strip() for name in attributes.split(",") if name.strip()] if attributes else None
