@@ -389,6 +389,13 @@ _MODEL = click.option("--model", "onnx_model", type=click.Path(exists=True, dir_
                            "--checkpoint).")
 
 
+def _a_file_name(context, parameter, value: str | None) -> str | None:
+    """An output file option given as "" is a usage error, not the current folder nor the default name."""
+    if value == "":
+        raise click.BadParameter("an empty path; give a file name", ctx=context, param=parameter)
+    return value
+
+
 def _model_file(checkpoint: str | None, onnx_model: str | None, device: str | None) -> str:
     """--checkpoint FILE or --model FILE.onnx, exactly one (usage error, exit 2, otherwise)."""
     if bool(checkpoint) == bool(onnx_model):
@@ -417,7 +424,8 @@ def _inference_errors():
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard folder written by `vsam prep-pose` (the same vocabulary as the checkpoint's).")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["train", "val", "test", "none"]))
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every metric to this file.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), callback=_a_file_name,
+              help="Also write every metric to this file.")
 @click.option("--batch-size", type=click.IntRange(1), help="Default: the checkpoint's eval/train batch size.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader worker processes.")
 @click.option("--per-attribute", is_flag=True, help="Also print a table row per attribute (and per category).")
@@ -456,7 +464,7 @@ def eval_command(checkpoint, onnx_model, shards, split, json_out, batch_size, wo
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of photos, searched recursively (jpg, jpeg, png, webp, bmp).")
 @click.option("--out", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="JSON Lines file, one line per image ('-': stdout).")
+              callback=_a_file_name, help="JSON Lines file, one line per image ('-': stdout).")
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Attributes scoring at least this are listed in \"predicted\".")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
@@ -577,7 +585,7 @@ def audit_command(checkpoint, shards, split, out, calibration, top, gallery, bat
 @main.command("export")
 @_CHECKPOINT
 @click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]))
-@click.option("--out", type=click.Path(dir_okay=False),
+@click.option("--out", type=click.Path(dir_okay=False), callback=_a_file_name,
               help="Output file (default: beside the checkpoint, NAME.onnx or NAME.torchscript.pt).")
 def export_command(checkpoint, fmt, out) -> None:
     """Write the model as ONNX or TorchScript: input (B, 3, S, S) normalised images, outputs the
