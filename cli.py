@@ -340,14 +340,15 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
           decode, compile, deterministic, assignments, resume, device) -> None:
     """Train VSAM (or a baseline) on a shard folder; under torchrun, with DDP.
 
-    Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config, 75
-    another `vsam train` is running in --out (one run per folder; try again later)."""
+    Exit codes: 0 done, 1 the run failed (data, weights, run folder), 2 bad options or config (also an
+    --out that holds files but is not a run folder), 75 another `vsam train` is running in --out (one
+    run per folder; try again later)."""
     from pose_prep.lock import Busy
     from pose_prep.shard_format import ShardFormatError
     from vsam_train.checkpoint import CheckpointError
     from vsam_train.config import ConfigError
     from vsam_train.models import PretrainedWeightsError
-    from vsam_train.train import RunFolderError, main as train_main, resolve_run_config
+    from vsam_train.train import NotARunFolder, RunFolderError, main as train_main, resolve_run_config
 
     overrides = {key: value for key, value in (
         ("model.name", model), ("model.attention", attention), ("train.epochs", epochs),
@@ -361,7 +362,7 @@ def train(shards, out, config_file, model, attention, epochs, batch_size, width,
         summary = train_main(config, shards, out, resume=resume, device=device)
     except Busy as error:
         _fail("train", error, EXIT_BUSY)
-    except ConfigError as error:
+    except (ConfigError, NotARunFolder) as error:
         _fail("train", error, EXIT_USAGE)
     except (RunFolderError, ShardFormatError, PretrainedWeightsError, CheckpointError, OSError, ValueError,
             FloatingPointError) as error:     # OSError: a full disk (DiskFull), an --out that cannot be made
@@ -386,6 +387,13 @@ _CHECKPOINT_OR_MODEL = click.option("--checkpoint", type=click.Path(exists=True,
 _MODEL = click.option("--model", "onnx_model", type=click.Path(exists=True, dir_okay=False),
                       help="A file of `vsam export --format onnx`, run by onnxruntime on the CPU (instead of "
                            "--checkpoint).")
+
+
+def _a_file_name(context, parameter, value: str | None) -> str | None:
+    """An output file option given as "" is a usage error, not the current folder nor the default name."""
+    if value == "":
+        raise click.BadParameter("an empty path; give a file name", ctx=context, param=parameter)
+    return value
 
 
 def _model_file(checkpoint: str | None, onnx_model: str | None, device: str | None) -> str:
@@ -416,7 +424,8 @@ def _inference_errors():
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard folder written by `vsam prep-pose` (the same vocabulary as the checkpoint's).")
 @click.option("--split", default="val", show_default=True, type=click.Choice(["train", "val", "test", "none"]))
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write every metric to this file.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), callback=_a_file_name,
+              help="Also write every metric to this file.")
 @click.option("--batch-size", type=click.IntRange(1), help="Default: the checkpoint's eval/train batch size.")
 @click.option("--workers", default=2, show_default=True, type=click.IntRange(0), help="Loader worker processes.")
 @click.option("--per-attribute", is_flag=True, help="Also print a table row per attribute (and per category).")
@@ -455,7 +464,7 @@ def eval_command(checkpoint, onnx_model, shards, split, json_out, batch_size, wo
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of photos, searched recursively (jpg, jpeg, png, webp, bmp).")
 @click.option("--out", default="-", show_default=True, type=click.Path(dir_okay=False, allow_dash=True),
-              help="JSON Lines file, one line per image ('-': stdout).")
+              callback=_a_file_name, help="JSON Lines file, one line per image ('-': stdout).")
 @click.option("--threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="Attributes scoring at least this are listed in \"predicted\".")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="Images per forward pass.")
@@ -507,7 +516,8 @@ def explain_command(checkpoint, baseline, images, out, attributes, top, limit, p
     OUT/index.html, a gallery with the baseline beside the model.
 
     Exit codes: 0 done (also when some files were bad: listed in the gallery and on stderr), 1 no
-    image could be explained or a checkpoint cannot be used, 2 bad options (unknown attribute)."""
+    image could be explained or a checkpoint cannot be used, 2 bad options (unknown attribute, an --out
+    that holds files but is not an explain gallery)."""
     from vsam_train.explain import ExplainError, explain_folder
 
     names = [name.strip() for name in attributes.split(",") if name.strip()] if attributes else None
@@ -575,18 +585,22 @@ def audit_command(checkpoint, shards, split, out, calibration, top, gallery, bat
 @main.command("export")
 @_CHECKPOINT
 @click.option("--format", "fmt", required=True, type=click.Choice(["onnx", "torchscript"]))
-@click.option("--out", type=click.Path(dir_okay=False),
+@click.option("--out", type=click.Path(dir_okay=False), callback=_a_file_name,
               help="Output file (default: beside the checkpoint, NAME.onnx or NAME.torchscript.pt).")
 def export_command(checkpoint, fmt, out) -> None:
     """Write the model as ONNX or TorchScript: input (B, 3, S, S) normalised images, outputs the
     attribute (and category) logits and Ŝ; vocabulary and preprocessing in the file's metadata.
     The file is loaded back and checked against the checkpoint before it is kept.
 
-    Exit codes: 0 written and checked, 1 the checkpoint cannot be used or the export does not match."""
-    from vsam_train.export import ExportError, export_checkpoint
+    Exit codes: 0 written and checked, 1 the checkpoint cannot be used (its outputs are not finite) or
+    the export does not match, 2 bad options (an --out that is the checkpoint, or whose suffix says
+    the other format: .onnx is ONNX)."""
+    from vsam_train.export import ExportError, ExportOptionError, export_checkpoint
 
     try:
         result = export_checkpoint(checkpoint, fmt, out)
+    except ExportOptionError as error:
+        _fail("export", error, EXIT_USAGE)
     except (ExportError, *_inference_errors()) as error:
         _fail("export", error, EXIT_FAILED)
     click.echo(f"{result.path}: outputs {', '.join(result.outputs)}; largest difference from the checkpoint "

@@ -12,14 +12,26 @@ A full disk (ENOSPC, or EDQUOT: a quota) during any of this is raised as `DiskFu
 one line naming the target, `no space left on device: PATH`: the temporary file is gone, the target
 is as it was, and the commands print that line and exit 1. `reporting_disk_full` does the same for
 writes that do not replace a file (appending to a log, a database commit).
+
+What NAME already is decides how it is written, as it would for any Unix tool writing a file:
+
+* a regular file, or nothing: replaced (created) atomically, as above;
+* a symbolic link: followed; the file it leads to is replaced, in that file's folder, and the link stays;
+* a stream (a character device such as /dev/null, a FIFO, or a process's open file reached through
+  /proc/PID/fd, as /dev/stdout is): written in place, never renamed over (atomicity means nothing
+  there, and a rename would put a regular file where the device or FIFO was);
+* a folder, a block device or a socket, or a path under something that is not a folder: refused
+  with `UnusableOutput`, one line `REASON: PATH` ("not a folder: /tmp/afile"), before anything is written.
 """
 from __future__ import annotations
 
 import errno
 import glob
 import os
+import re
 import secrets
 import sqlite3
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +39,8 @@ from typing import Iterator
 TEMPORARY_SUFFIX = ".tmp"
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 SQLITE_SHM_GROWTH = 32 * 1024    # bytes a WAL index's -shm file grows by
+PROCESS_FD_FOLDER = re.compile(r"/proc/[^/]+/fd")    # /dev/stdout and /dev/fd/N lead through it
+MAX_LINKS = 40                   # as the kernel's ELOOP limit
 
 
 class DiskFull(OSError):
@@ -34,6 +48,13 @@ class DiskFull(OSError):
 
     def __str__(self) -> str:
         return f"{(self.strerror or 'no space left on device').lower()}: {self.filename}"
+
+
+class UnusableOutput(OSError):
+    """An output path that cannot be written as a file or a stream; str(): 'REASON: PATH'."""
+
+    def __str__(self) -> str:
+        return f"{self.strerror}: {self.filename}"
 
 
 def disk_full(path: str | Path, code: int = errno.ENOSPC) -> DiskFull:
@@ -84,14 +105,72 @@ def reporting_disk_full(path: str | Path) -> Iterator[None]:
         raise disk_full(path, code) from error
 
 
+def is_stream(path: str | Path) -> bool:
+    """Whether `path` is written in place rather than replaced (see the module): a character device,
+    a FIFO, or a process's open file. Raises UnusableOutput for what can be neither."""
+    check_parent_is_folder(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False                  # a new file (or a dangling link: created where it points)
+    if stat.S_ISDIR(mode):
+        raise UnusableOutput(errno.EISDIR, "a folder, not a file", str(path))
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return True
+    if stat.S_ISREG(mode):
+        # /dev/stdout redirected to a file: the shell goes on writing to the file it opened, and would
+        # write into a deleted one after a rename.
+        return _through_process_fd(path)
+    raise UnusableOutput(errno.EINVAL, "not a file, a character device or a FIFO", str(path))
+
+
+def check_parent_is_folder(path: str | Path) -> None:
+    """UnusableOutput naming the nearest existing ancestor of `path` when that is not a folder (the
+    OS would say "File exists" or "Not a directory" about a file further down)."""
+    ancestor = Path(path).parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor.exists() and not ancestor.is_dir():
+        raise UnusableOutput(errno.ENOTDIR, "not a folder", str(ancestor))
+
+
+def make_parent_folder(path: str | Path) -> None:
+    """Create the folders `path` is in; UnusableOutput when one of them is a file."""
+    check_parent_is_folder(path)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _through_process_fd(path: str | Path) -> bool:
+    """Whether following the links of `path` passes through /proc/PID/fd (/dev/stdout, /dev/fd/1)."""
+    hop = os.path.abspath(path)
+    for _ in range(MAX_LINKS):
+        if PROCESS_FD_FOLDER.fullmatch(os.path.realpath(os.path.dirname(hop))):
+            return True
+        if not os.path.islink(hop):
+            return False
+        hop = os.path.join(os.path.dirname(hop), os.readlink(hop))
+    return False
+
+
+def replaced_file(path: str | Path) -> Path:
+    """The file a rename must replace to write `path`: itself, or where its symbolic links lead."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextmanager
 def atomic_path(path: str | Path, *, durable: bool = False, single_writer: bool = False) -> Iterator[Path]:
     """Yield the temporary path to write (any writer: open(), h5py, torch.save, onnx); when the block
-    completes, rename it over `path`. If the block raises, the temporary file is removed and `path`
-    is left as it was. `durable`: fsync the file before the rename and the folder after it, so that
-    the new file also survives a power cut. `single_writer`: the caller guarantees that no other
-    process writes `path` (it holds a lock); the temporary file is then `.NAME.tmp`."""
-    path = Path(path)
+    completes, rename it over `path` (over the file a symbolic link leads to). If the block raises,
+    the temporary file is removed and `path` is left as it was. `durable`: fsync the file before the
+    rename and the folder after it, so that the new file also survives a power cut. `single_writer`:
+    the caller guarantees that no other process writes `path` (it holds a lock); the temporary file
+    is then `.NAME.tmp`. A stream (`is_stream`) is yielded itself, to be written in place."""
+    if is_stream(path):
+        with reporting_disk_full(path):
+            yield Path(path)
+        return
+    path = replaced_file(path)
     with reporting_disk_full(path):
         temporary = path.with_name(f".{path.name}{TEMPORARY_SUFFIX}") if single_writer else _unique_temporary(path)
         try:

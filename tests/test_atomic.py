@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -12,9 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 import fixture_set
+from fifo_reader import read_fifo_in_thread
 import small_disk as small_disk_module
 from cli import main as vsam
-from pose_prep.atomic import DiskFull, atomic_path, atomic_write_text, disk_full, temporary_files
+from pose_prep.atomic import (DiskFull, UnusableOutput, atomic_path, atomic_write_text, disk_full, is_stream,
+                              temporary_files)
 from pose_prep.prep import PrepOptions, catalog_problems, run
 from pose_prep.shard_format import verify_collection
 from vsam_train.checkpoint import load_checkpoint
@@ -68,6 +71,84 @@ def test_text_is_written_as_utf8(tmp_path):
     atomic_write_text(tmp_path / "a.json", "größe")
     assert (tmp_path / "a.json").read_bytes() == "größe".encode("utf-8")
 
+
+
+# --- what the output path already is: a link, a stream, something that is not a file -------------
+
+def test_a_symlink_is_followed_and_the_file_it_leads_to_replaced_in_its_own_folder(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "links").mkdir()
+    target = tmp_path / "runs" / "preds.jsonl"
+    target.write_text("old")
+    link = tmp_path / "links" / "preds.jsonl"
+    link.symlink_to(Path("..") / "runs" / "preds.jsonl")
+    with atomic_path(link) as temporary:
+        assert temporary.parent == target.parent      # the rename stays within the target's filesystem
+        temporary.write_text("new")
+    assert link.is_symlink() and os.readlink(link) == str(Path("..") / "runs" / "preds.jsonl")
+    assert target.read_text() == "new"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["links", "preds.jsonl", "preds.jsonl", "runs"]
+
+
+def test_a_fifo_is_written_in_place_and_stays_a_fifo(tmp_path):
+    fifo = tmp_path / "preds.jsonl"
+    os.mkfifo(fifo)
+    reader, received = read_fifo_in_thread(fifo)
+    atomic_write_text(fifo, "line 1\nline 2\n", durable=True)
+    reader.join(timeout=30)
+    assert received == [b"line 1\nline 2\n"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["preds.jsonl"]
+
+
+def test_a_character_device_is_written_in_place_and_stays_one(tmp_path):
+    # Our own node of the null device (1, 3), so that a regression replaces a file of tmp_path, never /dev/null.
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        device.write_text("probe")
+    except OSError as error:       # not root, or a filesystem mounted nodev
+        pytest.skip(f"cannot make a usable character device here: {error}")
+    before = os.lstat(device)
+    atomic_write_text(device, "discarded")
+    after = os.lstat(device)
+    assert stat.S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev and after.st_ino == before.st_ino
+    assert [p.name for p in tmp_path.iterdir()] == ["null"]
+    assert is_stream("/dev/null")           # the real one is only looked at, never written
+
+
+def test_a_file_a_shell_redirection_opened_is_written_in_place_through_dev_fd(tmp_path):
+    # Replacing the file would leave the shell writing "after" into the deleted old one. /dev/fd/1, not
+    # /dev/stdout: a regression must fail here (no temporary file can be made in /proc/PID/fd), not
+    # rename a regular file over the machine's /dev/stdout.
+    out = tmp_path / "log.txt"
+    out.write_text("")
+    writer = "from pose_prep.atomic import atomic_write_text; atomic_write_text('/dev/fd/1', 'new\\n')"
+    with open(out, "a") as appended:
+        subprocess.run(["sh", "-c", f'"{sys.executable}" -c "{writer}" && echo after'], stdout=appended,
+                       check=True, cwd=REPO, timeout=60)
+    assert out.read_text() == "new\nafter\n"
+
+
+def test_a_folder_a_socket_and_a_path_under_a_file_are_refused_in_one_line_naming_them(tmp_path, monkeypatch):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    with pytest.raises(UnusableOutput, match=f"^a folder, not a file: {re.escape(str(folder))}$"):
+        atomic_write_text(folder, "x")
+    for under in (afile / "x.jsonl", afile / "deeper" / "x.jsonl"):
+        with pytest.raises(UnusableOutput, match=f"^not a folder: {re.escape(str(afile))}$"):
+            atomic_write_text(under, "x")
+    listening = socket.socket(socket.AF_UNIX)
+    monkeypatch.chdir(tmp_path)     # a short relative name: socket paths are limited to 107 bytes
+    listening.bind("sock")
+    try:
+        with pytest.raises(UnusableOutput, match="^not a file, a character device or a FIFO: sock$"):
+            atomic_write_text("sock", "x")
+        assert stat.S_ISSOCK(os.lstat("sock").st_mode)
+    finally:
+        listening.close()
+    assert afile.read_text() == "kept" and folder.is_dir() and not list(tmp_path.glob(".*.tmp"))
 
 # --- two writers at once (real processes) -------------------------------------------------------
 

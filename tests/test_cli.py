@@ -67,3 +67,21 @@ def test_a_subfolder_that_cannot_be_listed_is_named_on_stderr_and_the_rest_is_pr
             "explain": lambda: [p.name for p in (out / "images").iterdir()]}[command]()
     assert len(done) == 1, done        # the photo under tops/ (explain's folders are numbered, not nested)
     assert command == "explain" or done[0].startswith("tops/"), done
+
+
+@pytest.mark.parametrize("command", ["predict", "eval", "export"])
+def test_an_empty_output_path_is_a_usage_error_and_one_under_a_file_names_that_file(command, tmp_path, request):
+    checkpoint = ["--checkpoint", str(request.getfixturevalue("tiny_checkpoint"))]
+    images = fixture_set.copy_photos(tmp_path / "img", sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:1])
+    option, arguments = {"predict": ("--out", [*checkpoint, "--images", str(images), "--workers", "0"]),
+                         "eval": ("--json", [*checkpoint, "--shards", str(request.getfixturevalue("df_shards")),
+                                             "--workers", "0"]),
+                         "export": ("--out", [*checkpoint, "--format", "onnx"])}[command]
+    result = CliRunner().invoke(vsam, [command, *arguments, option, ""])
+    assert result.exit_code == 2 and f"Invalid value for '{option}': an empty path; give a file name" in result.output
+    blocker = tmp_path / "afile"
+    blocker.write_text("kept")
+    result = CliRunner().invoke(vsam, [command, *arguments, option, str(blocker / "deeper" / "x.onnx")])
+    assert result.exit_code == EXIT_FAILED, result.output
+    assert result.output.strip().splitlines()[-1] == f"vsam {command}: not a folder: {blocker}"
+    assert blocker.read_text() == "kept"

@@ -88,6 +88,32 @@ def test_unknown_attribute_is_a_usage_error(tiny_checkpoint, df_val_images, tmp_
     assert result.exit_code == 2 and "unknown attribute(s) paisley" in result.output
 
 
+
+def test_a_folder_that_is_not_an_explain_gallery_is_refused_and_an_earlier_gallery_reused(tiny_checkpoint,
+                                                                                         df_val_images, tmp_path):
+    def explain(out: Path):
+        return CliRunner().invoke(vsam, ["explain", "--checkpoint", str(tiny_checkpoint), "--images",
+                                         str(df_val_images), "--out", str(out), "--limit", "1"])
+
+    site = tmp_path / "site"
+    (site / "images").mkdir(parents=True)
+    (site / "index.html").write_text("<html><title>My shop</title></html>")
+    (site / "images" / "logo.png").write_bytes(b"png")
+    killed = tmp_path / "killed"          # what a killed explain leaves: pictures, no index.html yet
+    (killed / "images" / "00000-photo").mkdir(parents=True)
+    for foreign in (site, site / "images"):
+        result = explain(foreign)
+        assert result.exit_code == 2 and f"--out {foreign} holds files that are not a vsam explain gallery" \
+            in result.output
+    assert (site / "index.html").read_text() == "<html><title>My shop</title></html>"
+    assert sorted(p.name for p in site.rglob("*")) == ["images", "index.html", "logo.png"]
+
+    gallery = tmp_path / "gallery"
+    for out in (gallery, gallery, killed):        # new, then the gallery it made, then a killed run's
+        result = explain(out)
+        assert result.exit_code == 0, result.output
+        assert (out / "index.html").is_file()
+
 def test_cam_averages_to_the_logit_minus_the_bias(tiny_checkpoint, df_val_images):
     """Global average pooling then a linear layer: the CAM's mean over positions is the logit − bias."""
     model, info = load_for_inference(tiny_checkpoint)

@@ -1,6 +1,8 @@
 """`vsam export`: the exported file gives the checkpoint's outputs on real images."""
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from cli import main as vsam
+from fifo_reader import read_fifo_in_thread
 from pose_prep.images import find_images, load
 from vsam_train.checkpoint import load_for_inference
 from vsam_train.data import preprocess
@@ -90,3 +93,49 @@ def test_a_mismatch_beyond_the_tolerance_is_refused_and_a_broken_checkpoint_name
     result = CliRunner().invoke(vsam, ["export", "--checkpoint", str(broken), "--format", "onnx"])
     assert result.exit_code == 1 and f"{broken}: not a readable vsam checkpoint" in result.output
     assert not (tmp_path / "broken.onnx").exists()
+
+
+def test_an_export_into_a_fifo_is_checked_first_then_streamed_and_the_fifo_stays(tiny_checkpoint, tmp_path):
+    fifo = tmp_path / "model.onnx"
+    os.mkfifo(fifo)
+    reader, received = read_fifo_in_thread(fifo)
+    result = CliRunner().invoke(vsam, ["export", "--checkpoint", str(tiny_checkpoint), "--format", "onnx",
+                                       "--out", str(fifo)])
+    reader.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    session = onnxruntime.InferenceSession(received[0], providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["attributes", "attention"]
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_an_export_that_would_replace_its_checkpoint_or_names_the_other_format_is_refused(tiny_checkpoint, tmp_path):
+    checkpoint = tmp_path / "ck.onnx"          # a checkpoint under an unlucky name: the default output's
+    checkpoint.write_bytes(tiny_checkpoint.read_bytes())
+    (tmp_path / "self.pt").hardlink_to(checkpoint)
+    (tmp_path / "link.pt").symlink_to(checkpoint)
+    original = checkpoint.read_bytes()
+    refusals = [("onnx", None, "is the checkpoint"), ("torchscript", "self.pt", "is the checkpoint"),
+                ("torchscript", "link.pt", "is the checkpoint"), ("onnx", "model.bin", "must end in .onnx"),
+                ("torchscript", "model.ONNX", "must not end in .onnx")]
+    for fmt, out, reason in refusals:
+        options = ["--out", str(tmp_path / out)] if out else []
+        result = CliRunner().invoke(vsam, ["export", "--checkpoint", str(checkpoint), "--format", fmt, *options])
+        assert result.exit_code == 2, (fmt, out, result.output)
+        assert reason in result.output and str(checkpoint) in result.output and len(result.output.splitlines()) == 1
+    assert checkpoint.read_bytes() == original and (tmp_path / "link.pt").is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.onnx", "link.pt", "self.pt"]
+
+
+def test_a_checkpoint_whose_model_gives_nan_is_not_exported(tiny_checkpoint, tmp_path):
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    first_weight = next(key for key, value in state["model"].items() if value.is_floating_point())
+    state["model"][first_weight] = torch.full_like(state["model"][first_weight], float("nan"))
+    broken = tmp_path / "nan.pt"
+    torch.save(state, broken)
+    result = CliRunner().invoke(vsam, ["export", "--checkpoint", str(broken), "--format", "torchscript"])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"vsam export: {broken}: the model's output") and "not finite" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nan.pt"]
+    want = [np.array([[1.0, -2.0]])]
+    with pytest.raises(ExportError, match="differs"):                  # NaN from the exported file, too
+        check_same_outputs([np.array([[np.nan, -2.0]])], want, ["attributes"])

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from sklearn.metrics import average_precision_score
 from awkward_names import make_awkward_name_folder
 from bad_images import make_bad_image_folder
 from cli import main as vsam
+from fifo_reader import read_fifo_in_thread
 from pose_prep.images import printable_name
 from vsam_train.evaluate import predict_split
 
@@ -256,3 +259,25 @@ def test_checkpoint_and_model_are_one_or_the_other(tiny_checkpoint, tiny_onnx, d
     assert result.exit_code == 2 and "runs on the CPU" in result.output
     result = CliRunner().invoke(vsam, ["predict", "--checkpoint", str(tiny_onnx), *images])
     assert result.exit_code == 2 and "tiny.onnx: an ONNX export goes with --model" in result.output
+
+
+def test_predict_writes_into_a_fifo_as_a_stream_and_through_a_symlink_into_its_target(tiny_onnx, df_val_images,
+                                                                                      tmp_path):
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    reader, received = read_fifo_in_thread(fifo)
+    model = ["predict", "--model", str(tiny_onnx), "--images", str(df_val_images), "--workers", "0"]
+    result = CliRunner().invoke(vsam, [*model, "--out", str(fifo)])
+    reader.join(timeout=60)
+    assert result.exit_code == 0, result.output
+    assert len([json.loads(line) for line in received[0].decode().splitlines()]) == 24
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "preds.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "latest.jsonl"
+    link.symlink_to(target)
+    result = CliRunner().invoke(vsam, [*model, "--out", str(link)])
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.resolve() == target and len(_lines(target)) == 24

@@ -241,6 +241,20 @@ def test_cli_refuses_bad_config_and_an_existing_run_with_exit_codes(df_shards, t
     assert result.exit_code == 1 and "pass --resume" in result.output
 
 
+
+def test_train_into_a_folder_that_holds_other_files_is_a_usage_error_and_writes_nothing(df_shards, tmp_path):
+    photos = tmp_path / "photos"
+    fixture_set.copy_photos(photos, sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:2])
+    before = sorted(p.name for p in photos.rglob("*"))
+    for extra in ((), ("--resume",)):
+        result = CliRunner().invoke(vsam, ["train", "--shards", str(df_shards), "--out", str(photos),
+                                           "--config", str(TINY), *extra])
+        assert result.exit_code == 2, result.output
+        assert result.output == (f"vsam train: --out {photos} holds files but is not a vsam run folder (no "
+                                 ".train.lock, config.yaml, checkpoints, metrics.jsonl): choose a new or empty "
+                                 "folder\n")
+    assert sorted(p.name for p in photos.rglob("*")) == before      # no lock file, no config.yaml
+
 def test_resume_refuses_changes_of_what_the_run_computes_with_or_without_a_config_file(tmp_path):
     save_config(load_config(TINY), tmp_path / "config.yaml")
     assert resolve_run_config(tmp_path, None, {"train.epochs": 9}, resume=True)["train"]["epochs"] == 9

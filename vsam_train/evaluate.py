@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pose_prep.atomic import atomic_write_text
+from pose_prep.atomic import atomic_write_text, make_parent_folder
 
 from .checkpoint import inference_device, stored_config
 from .data import ShardStream, make_loader
@@ -102,6 +102,5 @@ def evaluate_checkpoint(checkpoint: str | Path, shards: str | Path, split: str =
 
 def write_json(data: dict, path: str | Path) -> None:
     """Strict JSON (NaN written as null), replaced atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(path)
     atomic_write_text(path, json.dumps(without_nan(data), indent=1, ensure_ascii=False, allow_nan=False) + "\n")

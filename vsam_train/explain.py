@@ -47,6 +47,8 @@ OVERLAY_ALPHA = 0.5
 COLORMAP = "jet"
 MAPS = ("attention", "cam", "gradcam", "saliency")   # the panels explain_model can draw
 PNG_COMPRESSION = 1        # zlib level: 4x faster to write than PIL's default 6, files 14 % larger (photos)
+GALLERY_TITLE = "vsam explain"           # index.html's <title>: how a later run knows the folder is a gallery
+IMAGE_FOLDER = re.compile(r"\d{5}-.*")   # OUT/images/NNNNN-<name>/, one per photo
 
 
 class ExplainError(ValueError):
@@ -233,6 +235,8 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
                    attributes: list[str] | None = None, top: int = 1, limit: int | None = None,
                    device: str | None = None, progress: bool = True, errors=None) -> ExplainSummary:
     """Explain every image under `images` (the first `limit`), write the PNGs and index.html to `out`."""
+    out = Path(out)
+    check_out_folder(out)
     device = inference_device(device)
     models = [("model", *load_for_inference(checkpoint, device))]
     if baseline is not None:
@@ -252,7 +256,6 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
         labels["baseline"] = f"baseline: {models[1][2].model_name} ({Path(baseline).name})"
 
     named = [vocabulary.attributes.index(name) for name in attributes] if attributes else None
-    out = Path(out)
     found = catalog_images(images, on_error=warn_unreadable(errors))[:limit]
     out.mkdir(parents=True, exist_ok=True)
     summary = ExplainSummary(n_images=len(found))
@@ -281,10 +284,36 @@ def explain_folder(checkpoint: str | Path, images: str | Path, out: str | Path, 
     return summary
 
 
+def check_out_folder(out: Path) -> None:
+    """ExplainError unless --out is new, empty, or a gallery of an earlier explain, which is reused: its
+    index.html has this gallery's title, or a killed run left only images/NNNNN-* folders. Any other
+    folder (a web site's) would lose its index.html."""
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if _is_gallery_page(out / "index.html") or _holds_only_gallery_images(out):
+        return
+    raise ExplainError(f"--out {out} holds files that are not a vsam explain gallery (its index.html would be "
+                       "replaced): choose a new or empty folder")
+
+
+def _is_gallery_page(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as page:
+            return f"<title>{GALLERY_TITLE}</title>" in page.read(4096)
+    except OSError:
+        return False
+
+
+def _holds_only_gallery_images(out: Path) -> bool:
+    images = out / "images"
+    return ([p.name for p in out.iterdir()] == ["images"] and images.is_dir()
+            and all(p.is_dir() and IMAGE_FOLDER.fullmatch(p.name) for p in images.iterdir()))
+
+
 def write_gallery(path: Path, rows: list, summary: ExplainSummary, labels: dict[str, str]) -> None:
     """index.html: one table row per image, the models' panels side by side; relative links only."""
     e = html.escape
-    parts = [html_head("vsam explain"), f"<h1>vsam explain</h1><p>{e(summary.line())}. Columns: "
+    parts = [html_head(GALLERY_TITLE), f"<h1>vsam explain</h1><p>{e(summary.line())}. Columns: "
              + " | ".join(e(label) for label in labels.values()) + "</p>\n<table>\n"]
     for relative, input_file, columns in rows:
         cells = [f'<td class="input"><figure><img src="{link(input_file)}" alt="{e(relative)}">'

@@ -25,15 +25,20 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
+import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
-from pose_prep.atomic import atomic_path
+from pose_prep.atomic import atomic_path, is_stream, make_parent_folder
 
 from .checkpoint import load_for_inference
 from .inference import OUTPUTS, ModelInfo, onnx_module
@@ -47,6 +52,11 @@ PROBE_BATCH = 2
 
 class ExportError(RuntimeError):
     """An export that failed or does not reproduce the checkpoint; the message says how."""
+
+
+class ExportOptionError(ValueError):
+    """An --out that cannot go with the checkpoint or the format (the checkpoint itself, a suffix that
+    names the other format); nothing was written. The message names the paths."""
 
 
 @dataclass
@@ -104,22 +114,67 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path | None =
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     checkpoint = Path(checkpoint)
     out = Path(out) if out else checkpoint.with_name(checkpoint.stem + SUFFIXES[fmt])
+    check_output_path(checkpoint, fmt, out)
     model, info = load_for_inference(checkpoint, "cpu")
     outputs = present_outputs(model, info.image_size)
     wrapped = ExportedOutputs(model, outputs).eval()
     probe = probe_images(info.image_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as temporary:
+    with torch.no_grad():
+        expected = [t.numpy() for t in wrapped(probe)]
+    check_finite(expected, outputs, checkpoint)
+    make_parent_folder(out)
+    with _checked_file(out) as temporary:
         if fmt == "onnx":
             _write_onnx(wrapped, probe, outputs, metadata(info, outputs), temporary)
             exported = run_onnx(temporary, probe)
         else:
             _write_torchscript(wrapped, probe, metadata(info, outputs), temporary)
             exported = run_torchscript(temporary, probe)
-        with torch.no_grad():
-            expected = [t.numpy() for t in wrapped(probe)]
         difference = check_same_outputs(exported, expected, outputs)
     return ExportResult(out, outputs, difference)
+
+
+def check_output_path(checkpoint: Path, fmt: str, out: Path) -> None:
+    """ExportOptionError when writing `out` would replace the checkpoint, or when its suffix says the
+    other format: predict and eval take a file ending in .onnx for ONNX, and anything else for a
+    checkpoint. A stream (a FIFO, /dev/stdout) has no name a later command reads, so any suffix goes."""
+    if out.exists() and os.path.samefile(out, checkpoint):
+        raise ExportOptionError(f"{out} is the checkpoint {checkpoint}: the export would replace it; "
+                                "choose another --out")
+    if is_stream(out):
+        return
+    says_onnx = out.name.lower().endswith(".onnx")
+    if fmt == "onnx" and not says_onnx:
+        raise ExportOptionError(f"{out}: an ONNX export's name must end in .onnx (predict and eval --model "
+                                f"tell the format by it); the checkpoint is {checkpoint}")
+    if fmt == "torchscript" and says_onnx:
+        raise ExportOptionError(f"{out}: a TorchScript export must not end in .onnx (predict and eval would "
+                                f"read it as ONNX); the checkpoint is {checkpoint}")
+
+
+def check_finite(expected: list[np.ndarray], names: list[str], checkpoint: Path) -> None:
+    """ExportError when the model's own outputs hold NaN or infinity on the probe batch: the comparison
+    with the exported file would say nothing (NaN equals nothing), and the export would be of no use."""
+    for name, values in zip(names, expected, strict=True):
+        if not np.isfinite(values).all():
+            raise ExportError(f"{checkpoint}: the model's output {name!r} is not finite (NaN or infinity) on the "
+                              "probe batch; the checkpoint's weights are unusable, nothing was exported")
+
+
+@contextmanager
+def _checked_file(out: Path) -> Iterator[Path]:
+    """A regular file to write the export to and load it back from, published at `out` when the block
+    completes: atomic_path's temporary file, or, when `out` is a stream (a FIFO, /dev/stdout), a file
+    in a temporary folder, copied into the stream once checked (a stream cannot be read back)."""
+    if not is_stream(out):
+        with atomic_path(out) as temporary:
+            yield temporary
+        return
+    with tempfile.TemporaryDirectory(prefix="vsam-export-") as folder:
+        temporary = Path(folder) / out.name
+        yield temporary
+        with open(temporary, "rb") as source, atomic_path(out) as stream, open(stream, "wb") as target:
+            shutil.copyfileobj(source, target)
 
 
 def check_same_outputs(exported: list[np.ndarray], expected: list[np.ndarray], names: list[str]) -> float:
@@ -129,7 +184,7 @@ def check_same_outputs(exported: list[np.ndarray], expected: list[np.ndarray], n
         if got.shape != want.shape:
             raise ExportError(f"exported output {name!r} has shape {got.shape}, the model's {want.shape}")
         difference = np.abs(got.astype(np.float64) - want)
-        if (difference > ATOL + RTOL * np.abs(want)).any():
+        if not (difference <= ATOL + RTOL * np.abs(want)).all():     # a NaN is never within the tolerance
             raise ExportError(f"exported output {name!r} differs from the model's by up to {difference.max():.3g} "
                               f"(tolerance {ATOL:g} + {RTOL:g}·|value|)")
         largest = max(largest, float(difference.max()))

@@ -36,7 +36,7 @@ import numpy as np
 from scipy.special import expit, softmax
 from tqdm import tqdm
 
-from pose_prep.atomic import atomic_path
+from pose_prep.atomic import atomic_path, make_parent_folder
 from pose_prep.images import BadImage, CatalogImage, catalog_images, load, printable_name, warn_unreadable
 from pose_prep.shard_format import Vocabulary
 
@@ -206,10 +206,11 @@ def predict_folder(model_file: str | Path, images: str | Path, out, *, threshold
 
 
 def predict_to_file(model_file, images, out: str | Path, **options) -> PredictSummary:
-    """`predict_folder` into the file `out`, replaced atomically when the run completes ("-": stdout)."""
+    """`predict_folder` into the file `out`, replaced atomically when the run completes ("-": stdout;
+    a FIFO or a character device is written as the run goes: pose_prep.atomic)."""
     if str(out) == "-":
         return predict_folder(model_file, images, sys.stdout, **options)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(out)
     with atomic_path(out) as temporary, open(temporary, "w", encoding="utf-8") as f:
         return predict_folder(model_file, images, f, **options)

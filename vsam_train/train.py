@@ -11,7 +11,9 @@ on the CPU; rank 0 evaluates, logs and writes checkpoints.
 One run at a time per run folder: rank 0 holds `<out>/.train.lock` (pose_prep.lock) for the run's
 life, and a second `vsam train` into the folder, with or without --resume, stops at once (lock.Busy,
 exit 75). Without --resume, a folder that holds a run (a checkpoint, or the config.yaml a run writes
-when it starts, before its first checkpoint) is refused.
+when it starts, before its first checkpoint) is refused. With or without it, a non-empty folder that
+no run made (none of RUN_FOLDER_MARKS in it: a folder of photos) is refused (NotARunFolder) before
+anything is written into it.
 """
 from __future__ import annotations
 
@@ -43,6 +45,14 @@ from .models import model_from_config
 
 class RunFolderError(RuntimeError):
     """The run folder cannot be used as asked (a finished run without --resume, ...)."""
+
+
+class NotARunFolder(RunFolderError):
+    """--out is a non-empty folder that is not a run's: a usage error (exit 2), nothing was written."""
+
+
+# What every run leaves in its folder (the lock is taken first thing): one of them marks a run folder.
+RUN_FOLDER_MARKS = (lock.TRAIN_LOCK_NAME, "config.yaml", "checkpoints", "metrics.jsonl")
 
 
 class InverseTimeDecay:
@@ -453,6 +463,8 @@ def main(config: dict, shards: str | Path, out: str | Path, *, resume: bool = Fa
     if config["data"]["decode"] == "gpu" and device_kind != "cuda":
         raise ConfigError("data.decode: gpu needs --device cuda")
     run_dir = Path(out)
+    if _is_rank_zero():
+        _check_is_run_folder(run_dir)
     with _run_folder_lock(run_dir):
         if _is_rank_zero():
             _check_run_folder(run_dir, resume)
@@ -483,6 +495,15 @@ def _run_folder_lock(run_dir: Path):
         return nullcontext()
     run_dir.mkdir(parents=True, exist_ok=True)
     return lock.exclusive(run_dir, lock.TRAIN_LOCK_NAME, "vsam train")
+
+
+def _check_is_run_folder(run_dir: Path) -> None:
+    """Refuse a non-empty folder that no run made, before the lock file and logs go into it."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return
+    if not any((run_dir / name).exists() for name in RUN_FOLDER_MARKS):
+        raise NotARunFolder(f"--out {run_dir} holds files but is not a vsam run folder (no "
+                            f"{', '.join(RUN_FOLDER_MARKS)}): choose a new or empty folder")
 
 
 def _check_run_folder(run_dir: Path, resume: bool) -> None:
