@@ -251,7 +251,7 @@ def test_train_into_a_folder_that_holds_other_files_is_a_usage_error_and_writes_
                                            "--config", str(TINY), *extra])
         assert result.exit_code == 2, result.output
         assert result.output == (f"vsam train: --out {photos} holds files but is not a vsam run folder (no "
-                                 ".train.lock, config.yaml, checkpoints, metrics.jsonl): choose a new or empty "
+                                 ".train.lock, config.yaml, checkpoints, metrics.jsonl, run.log): choose a new or empty "
                                  "folder\n")
     assert sorted(p.name for p in photos.rglob("*")) == before      # no lock file, no config.yaml
 

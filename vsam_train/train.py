@@ -52,7 +52,8 @@ class NotARunFolder(RunFolderError):
 
 
 # What every run leaves in its folder (the lock is taken first thing): one of them marks a run folder.
-RUN_FOLDER_MARKS = (lock.TRAIN_LOCK_NAME, "config.yaml", "checkpoints", "metrics.jsonl")
+# run.log: the comparison core (experiments/compare.py) opens it before its child process trains there.
+RUN_FOLDER_MARKS = (lock.TRAIN_LOCK_NAME, "config.yaml", "checkpoints", "metrics.jsonl", "run.log")
 
 
 class InverseTimeDecay:
