@@ -442,8 +442,12 @@ def eval_command(checkpoint, onnx_model, shards, split, json_out, batch_size, wo
     from vsam_train.evaluate import EvalError, evaluate_checkpoint, write_json
     from vsam_train.metrics import format_table
 
+    from pose_prep.atomic import check_output
+
     model_file = _model_file(checkpoint, onnx_model, device)
     try:
+        if json_out:
+            check_output(json_out)      # a path under a file, a folder: said now, not after the evaluation
         metrics = evaluate_checkpoint(model_file, shards, split, batch_size=batch_size, device=device,
                                       workers=workers)
     except (EvalError, *_inference_errors()) as error:

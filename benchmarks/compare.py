@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variant", action="append", dest="variants", help="Repeat; default vgg16 and vsam.")
     parser.add_argument("--seeds", default="0,1,2", help="Comma-separated seeds (default 0,1,2).")
     parser.add_argument("--parallel", type=int, default=2, help="Runs side by side (default 2: one per core).")
-    parser.add_argument("--reference", default="vgg16", help="Variant the differences are taken to.")
+    parser.add_argument("--reference", help="Variant the differences are taken to (default: vgg16, when compared).")
     parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                         help="Config override for every variant (repeatable).")
     parser.add_argument("--json", type=Path, help="Also write compare.json here.")
@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.seeds = parse_seeds(args.seeds)
     except (ConfigError, CompareError, ValueError) as error:
         parser.error(str(error))
+    names = [variant.name for variant in args.variants]
+    if args.reference is not None and args.reference not in names:      # else no differences, silently
+        parser.error(f"--reference {args.reference}: not a compared variant ({', '.join(names)})")
+    args.reference = args.reference or ("vgg16" if "vgg16" in names else None)
     if args.parallel < 1:
         parser.error(f"--parallel {args.parallel}: runs side by side, at least 1")
     problem = args.json and output_problem(args.json, folder=False)

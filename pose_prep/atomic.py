@@ -124,6 +124,12 @@ def is_stream(path: str | Path) -> bool:
     raise UnusableOutput(errno.EINVAL, "not a file, a character device or a FIFO", str(path))
 
 
+def check_output(path: str | Path) -> None:
+    """UnusableOutput when `path` can be written neither as a file nor as a stream: for a command to
+    say before its work what it would otherwise find when it writes."""
+    is_stream(path)
+
+
 def check_parent_is_folder(path: str | Path) -> None:
     """UnusableOutput naming the nearest existing ancestor of `path` when that is not a folder (the
     OS would say "File exists" or "Not a directory" about a file further down)."""

@@ -85,3 +85,5 @@ def test_an_empty_output_path_is_a_usage_error_and_one_under_a_file_names_that_f
     assert result.exit_code == EXIT_FAILED, result.output
     assert result.output.strip().splitlines()[-1] == f"vsam {command}: not a folder: {blocker}"
     assert blocker.read_text() == "kept"
+    if command == "eval":        # said before the evaluation, not after it: no table printed
+        assert "group top-1" not in result.output.lower() and len(result.output.strip().splitlines()) == 1

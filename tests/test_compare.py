@@ -71,7 +71,8 @@ def test_bad_shards_config_seeds_out_and_json_exit_2_before_any_run(df_shards, t
              (("--seeds", "99999999999999999999999"), "train.seed must be an integer in [0, 4294967295]"),
              (("--seeds", "0,1,0"), "--seeds 0,1,0: seed 0 given twice"),
              (("--set", "data.train_split=test"), "no items in split test"),
-             (("--variant", "big=vsam,model.image_size=33"), "model.image_size must be")]
+             (("--variant", "big=vsam,model.image_size=33"), "model.image_size must be"),
+             (("--reference", "vsam-groups"), "--reference vsam-groups: not a compared variant (vgg16, vsam)")]
     for options, reason in cases:      # a repeated --shards, --out or --config: the last one counts
         done = run_script("--shards", str(df_shards), "--out", str(out), "--config", tiny, *options)
         assert done.returncode == 2, (options, done.stdout, done.stderr)
