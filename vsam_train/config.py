@@ -472,15 +472,28 @@ def validate(config: dict) -> None:
 def validate_stored(config) -> dict:
     """A typed copy of a config read back from a checkpoint or an export, checked as `validate` checks
     one read from a file (a ConfigError names the key). Keys added to DEFAULTS since it was saved may be
-    absent; its sections may not."""
+    absent; its sections may not. Keys DEFAULTS no longer has are dropped, not refused: they are
+    settings of the vsam that trained it, and a model it trained must stay loadable."""
     if not isinstance(config, dict):
         raise ConfigError(f"a config is a mapping of sections, got {type(config).__name__}")
     missing = [section for section in DEFAULTS if section not in config]
     if missing:
         raise ConfigError(f"no section {', '.join(missing)}")
-    config = copy.deepcopy(config)
+    config = _without_retired_keys(copy.deepcopy(config), ())
     validate(config)
     return config
+
+
+def _without_retired_keys(node: dict, prefix: tuple) -> dict:
+    """`node` without the keys DEFAULTS does not have (a section that is not a mapping is left to
+    `validate` to name)."""
+    if prefix in OPEN_MAPPINGS:
+        return node
+    known = _default(prefix)
+    kept = {key: value for key, value in node.items() if key in known}
+    sections = {key for key, value in kept.items() if isinstance(value, dict) and isinstance(known[key], dict)}
+    return {key: _without_retired_keys(value, prefix + (key,)) if key in sections else value
+            for key, value in kept.items()}
 
 
 def _typed_tree(node: dict, prefix: tuple) -> None:
