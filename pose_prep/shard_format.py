@@ -645,6 +645,8 @@ def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.C
     not UTF-8, a row that does not match its checksum...) is a ShardFormatError naming the index;
     for writers, errors of the machine (disk full, I/O, locked) pass through as they are."""
     path = existing_index(folder) if readonly else index_path(folder)
+    if not readonly and not path.exists():
+        _create_index(path)
     try:
         # A URI, so that "?mode=ro" applies; as_uri() escapes '#', '?' and '%' in folder names.
         connection = sqlite3.connect(path.absolute().as_uri() + "?mode=ro", uri=True) if readonly \
@@ -672,6 +674,21 @@ def open_index(folder: str | Path, readonly: bool = False) -> Iterator[sqlite3.C
             raise ShardFormatError(f"{path}: damaged or unreadable shard index ({_one_line(error)})") from None
     finally:
         connection.close()
+
+
+def _create_index(path: Path) -> None:
+    """A new index with its tables and schema version, made under a temporary name and renamed into
+    place: sqlite3.connect creates the file before the schema is committed, and a kill -9 in between
+    left an index.sqlite that readers refused ("no such table: meta") until the next prep-pose run."""
+    with atomic_path(path, durable=True) as temporary:
+        connection = sqlite3.connect(temporary)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")    # kept in the file's header
+            connection.executescript(_INDEX_SCHEMA)
+            with connection:
+                set_meta(connection, "schema_version", str(SCHEMA_VERSION))
+        finally:
+            connection.close()          # the last connection: its -wal and -shm files go with it
 
 
 def _schema_version(connection: sqlite3.Connection) -> str | None:
@@ -815,6 +832,7 @@ def remove_orphans(folder: str | Path, connection: sqlite3.Connection) -> list[P
     folder (under the names it had there)."""
     folder = Path(folder)
     temporaries = [p for p in folder.glob(f".{SHARD_GLOB}*.tmp")]   # .NAME.tmp, or another writer's .NAME.<hex>.tmp
+    temporaries += [p for p in folder.glob(f".{INDEX_NAME}.*") if p.name.endswith((".tmp", ".tmp-wal", ".tmp-shm"))]
     known = {shard_id for shard_id, _, _ in _table_rows(connection, "shards")}
     unlisted = [p for p in folder.glob(SHARD_GLOB) if shard_number(p) not in known]
     dead = [n for (n,) in connection.execute(

@@ -4,7 +4,9 @@ from __future__ import annotations
 import io
 import json
 import re
+import signal
 import sqlite3
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -424,3 +426,29 @@ def test_a_shard_written_on_a_full_disk_is_disk_full_at_every_fill_level(tmp_pat
         ballast.unlink()
     sf.write_shard(path, items, METADATA)
     assert sf.verify_shard(path) == []
+
+
+def test_a_kill_9_while_the_index_is_made_leaves_no_index_a_reader_refuses(tmp_path):
+    """Killed (SIGKILL, a real one) after the tables exist and before the schema version is committed:
+    no index.sqlite, so readers say "no shard index here" and the next writer makes a whole one and
+    clears the temporary file the kill left."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    code = ("import os, signal, sys\n"
+            "from pose_prep import shard_format\n"
+            "shard_format.set_meta = lambda *args: os.kill(os.getpid(), signal.SIGKILL)\n"
+            "with shard_format.open_index(sys.argv[1]):\n"
+            "    pass\n")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert not (folder / sf.INDEX_NAME).exists()
+    left = [p.name for p in folder.iterdir()]
+    assert left and all(name.startswith(f".{sf.INDEX_NAME}.") for name in left), left
+    with pytest.raises(sf.ShardFormatError, match="no shard index here"):
+        with sf.open_index(folder, readonly=True):
+            pass
+    with sf.open_index(folder) as connection:
+        sf.remove_orphans(folder, connection)
+    assert [p.name for p in folder.iterdir() if not p.name.startswith(f"{sf.INDEX_NAME}-")] == [sf.INDEX_NAME]
+    with sf.open_index(folder, readonly=True) as connection:
+        assert sf._schema_version(connection) == str(sf.SCHEMA_VERSION)
