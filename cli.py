@@ -439,10 +439,9 @@ def eval_command(checkpoint, onnx_model, shards, split, json_out, batch_size, wo
 
     Exit codes: 0 done, 1 the checkpoint or shards cannot be used (unreadable, other vocabulary,
     empty split), 2 bad options."""
+    from pose_prep.atomic import check_output
     from vsam_train.evaluate import EvalError, evaluate_checkpoint, write_json
     from vsam_train.metrics import format_table
-
-    from pose_prep.atomic import check_output
 
     model_file = _model_file(checkpoint, onnx_model, device)
     try:

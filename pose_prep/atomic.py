@@ -133,11 +133,18 @@ def check_output(path: str | Path) -> None:
 def check_parent_is_folder(path: str | Path) -> None:
     """UnusableOutput naming the nearest existing ancestor of `path` when that is not a folder (the
     OS would say "File exists" or "Not a directory" about a file further down)."""
-    ancestor = Path(path).parent
-    while not ancestor.exists() and ancestor != ancestor.parent:
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(Path(path).parent)
     if ancestor.exists() and not ancestor.is_dir():
         raise UnusableOutput(errno.ENOTDIR, "not a folder", str(ancestor))
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """`path` if it exists, else the nearest folder above it that does (the root, or "." for a
+    relative path, at worst)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def make_parent_folder(path: str | Path) -> None:

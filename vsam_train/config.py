@@ -499,8 +499,6 @@ def _without_retired_keys(node: dict, prefix: tuple) -> dict:
 def _typed_tree(node: dict, prefix: tuple) -> None:
     for key, value in node.items():
         keys = prefix + (key,)
-        if prefix not in OPEN_MAPPINGS and key not in _default(prefix):   # a stored config: not _merge'd
-            raise ConfigError(f"unknown config key {'.'.join(map(str, keys))!r}")
         if schema_type(keys) is dict:
             _typed_tree(_section(keys, value), keys)
         else:

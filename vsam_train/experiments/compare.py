@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pose_prep.atomic import nearest_existing
+
 from ..config import MODEL_VARIANTS, ConfigError, differences, load_config, parse_assignments
 
 EVAL_FILE = "eval.json"
@@ -241,7 +243,7 @@ def output_problem(path: Path, *, folder: bool) -> str | None:
     path = Path(path)
     if path.exists() and path.is_dir() != folder:
         return "is a folder, not a file" if path.is_dir() else "is a file, not a folder"
-    nearest = path if path.is_dir() else next(parent for parent in path.parents if parent.exists())
+    nearest = path if path.is_dir() else nearest_existing(path.parent)
     if not nearest.is_dir():
         return f"{nearest} is a file, not a folder"
     try:        # a real file, since permissions say little (root, read-only mounts, /proc)
