@@ -39,6 +39,18 @@ def _alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return alive
 
 
+def _workers(parent: psutil.Process) -> int:
+    """Live children of `parent` other than helpers such as loky's resource tracker. A child can end
+    (and be a zombie until reaped) between listing and reading its command line: it is not a worker."""
+    count = 0
+    for child in parent.children():
+        try:
+            count += "resource_tracker" not in " ".join(child.cmdline())
+        except psutil.NoSuchProcess:   # ZombieProcess included
+            pass
+    return count
+
+
 def kill_parent_alone(command: list[str], workers: int, cwd: Path,
                       settle: float = 1.0) -> tuple[list[psutil.Process], list[psutil.Process]]:
     """Start `command`, wait until it has `workers` worker processes (besides helpers such as loky's
@@ -51,7 +63,7 @@ def kill_parent_alone(command: list[str], workers: int, cwd: Path,
     try:
         parent = psutil.Process(process.pid)
         deadline = time.monotonic() + 120
-        while len([c for c in parent.children() if "resource_tracker" not in " ".join(c.cmdline())]) < workers:
+        while _workers(parent) < workers:
             assert process.poll() is None, stderr.read_text()
             assert time.monotonic() < deadline, "the workers never started"
             time.sleep(0.02)
