@@ -283,11 +283,13 @@ def test_two_concurrent_runs_the_second_exits_75_and_a_killed_run_blocks_nothing
     # Stopped where it stands, the first run keeps its lock for as long as the second needs to start: on a busy
     # machine it could otherwise finish its 24 photos first (seen once: the second then ran and exited 0).
     os.killpg(first.pid, signal.SIGSTOP)
-    second = subprocess.run([VSAM, "prep-pose", "--images", str(kill_catalog), "--out", str(out)],
-                            capture_output=True, text=True, timeout=60)
+    try:
+        second = subprocess.run([VSAM, "prep-pose", "--images", str(kill_catalog), "--out", str(out)],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        kill_group(first)                          # SIGKILL ends a stopped process too
     assert second.returncode == 75, second.stderr
     assert f"another vsam prep-pose run is active (pid {first.pid}" in second.stderr, second.stderr
-    kill_group(first)                              # SIGKILL ends a stopped process too
     # The kernel dropped the killed run's lock: the next run goes ahead and completes the catalog.
     assert prep(kill_catalog, out).exit_code == 0
     assert catalog_problems(out, kill_catalog) == []
