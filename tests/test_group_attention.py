@@ -454,3 +454,21 @@ def test_explain_shows_one_overlay_per_group_for_the_groups_model(groups_run, df
         assert Image.open(picture).size == Image.open(folder / "input.png").size
     gallery = (tmp_path / "explain" / "index.html").read_text()
     assert all(f"Ŝ {group}" in gallery and f"model-attention-group-{group}.png" in gallery for group in groups)
+
+
+def test_the_configured_sigma_widens_the_group_maps_as_it_widens_the_single_target(df_shards):
+    """data.heatmap_sigma reaches every target the loader renders. The group maps once kept the stored σ
+    whatever the config said: a σ ablation of the groups model trained bit for bit the same weights."""
+    joints = group_joints_for(load_config(None, {"model.attention": "groups"}), read_collection(df_shards).vocabulary)
+    stored = ShardStream(df_shards, "val", image_size=224, batch_size=20, train=False, group_joints=joints)
+    wide = ShardStream(df_shards, "val", image_size=224, batch_size=20, train=False, group_joints=joints,
+                       heatmap_sigma=3 * stored.heatmap_sigma)
+    stored_batch, wide_batch = (next(iter(make_loader(s, num_workers=0))) for s in (stored, wide))
+    lit = stored_batch["group_has_pose"]
+    assert lit.any() and torch.equal(lit, wide_batch["group_has_pose"])
+    # a wider Gaussian of the same peak covers more of the map, in every group map that has a pose
+    assert (wide_batch["group_heatmap"][lit].sum((-1, -2)) > stored_batch["group_heatmap"][lit].sum((-1, -2))).all()
+    maps, _, paths = split_group_heatmaps(df_shards, "val", joints, max_items=20, sigma=3 * stored.heatmap_sigma)
+    assert paths == wide_batch["path"]
+    torch.testing.assert_close(torch.from_numpy(maps / np.float32(255)), wide_batch["group_heatmap"], rtol=0,
+                               atol=0.51 / 255)

@@ -95,7 +95,7 @@ DEFAULTS: dict = {
         # loader from the stored keypoints instead (docs/config.md, "Keys"): heatmap_joints is the
         # joint subset (a pose_prep.heatmaps.JOINT_GROUPS name or a list of COCO-18 joints) for
         # items whose category type has no subset of its own; heatmap_sigma the Gaussian's σ in
-        # heatmap pixels.
+        # heatmap pixels, of the attribute-group maps (model.attention: groups) too.
         "heatmap_joints": None,
         "heatmap_sigma": None,
         "augment": {"p": 0.33, "flip": 0.5, "crop_scale": [0.6, 1.0], "crop_ratio": [0.75, 1.3333],

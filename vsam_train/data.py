@@ -16,7 +16,7 @@
   target is rendered from the item's stored keypoints instead of read: an item whose category type
   has a joint subset in the collection keeps that subset, the others get `heatmap_joints`;
 * for the attribute-group attention model (`group_joints`), one heatmap per group is rendered from
-  the item's stored keypoints (at the collection's heatmap size and sigma) and then flipped and
+  the item's stored keypoints (at the collection's heatmap size and sigma, or `heatmap_sigma`) and then flipped and
   cropped exactly as the stored heatmap: the map is flipped, never the keypoints.
 
 Everything random is drawn from generators seeded by (seed, epoch, rank, worker), so an epoch's
@@ -218,19 +218,22 @@ def heatmap_geometry(info: CollectionInfo) -> tuple[tuple[int, int], float]:
 
 
 def split_group_heatmaps(folder: str | Path, split: str, group_joints: list[tuple[int, ...] | None],
-                         max_items: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                         max_items: int | None = None,
+                         sigma: float | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Every live item of `split` (stored order: the order of `live_rows`, cut at `max_items`, as
     `fast.load_resident_split` reads them): its group heatmaps rendered from the stored keypoints
     as uint8 (N, G, H, W) (255 = 1.0, like the stored heatmaps), "group_has_pose" (N, G) bool and
-    the paths. For splits held in memory; ShardStream renders per batch instead."""
+    the paths; `sigma` (data.heatmap_sigma) replaces the stored σ. For splits held in memory; ShardStream
+    renders per batch instead."""
     with snapshot(folder, (split,)) as collection:
-        return _group_heatmaps(collection, group_joints, max_items)
+        return _group_heatmaps(collection, group_joints, max_items, sigma)
 
 
 def _group_heatmaps(collection, group_joints: list[tuple[int, ...] | None],
-                    max_items: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+                    max_items: int | None, sigma: float | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     info = read_collection(collection.folder, collection.meta)
-    size, sigma = heatmap_geometry(info)
+    size, stored_sigma = heatmap_geometry(info)
+    sigma = float(sigma) if sigma is not None else stored_sigma
     maps, lit, paths = [], [], []
     for shard_path, rows in collection.rows.items():
         if max_items is not None:
@@ -292,7 +295,9 @@ class ShardStream(IterableDataset):
         self.decode = decode
         self.max_batches = max_batches
         self.group_joints = list(group_joints) if group_joints is not None else None
-        self.heatmap_size, self.heatmap_sigma = heatmap_geometry(self.info)
+        self.heatmap_size, stored_sigma = heatmap_geometry(self.info)
+        # data.heatmap_sigma widens every target this stream renders: the group maps as well as the single one
+        self.heatmap_sigma = float(heatmap_sigma) if heatmap_sigma is not None else stored_sigma
         self.target = _TargetRendering.of(self.info, heatmap_joints, heatmap_sigma)
         self.epoch = 0
         if train and self.n_items < batch_size * world_size:
