@@ -225,7 +225,14 @@ def base_config(args) -> dict:
     overrides = {}
     if args.image_size:
         overrides["model.image_size"] = args.image_size
-    return load_config(config_file, {**overrides, **args.settings})
+    config = load_config(config_file, {**overrides, **args.settings})
+    # Its splits are held in memory with the heatmaps prep-pose stored: a target rendered from the keypoints
+    # (another joint subset or σ) would be ignored, so it is refused rather than reported as measured.
+    for key in ("heatmap_joints", "heatmap_sigma"):
+        if config["data"][key] is not None:
+            raise ConfigError(f"data.{key}: the GPU experiment trains on the stored heatmaps and cannot render "
+                              f"another target; use vsam train or benchmarks/compare.py for it")
+    return config
 
 
 def model_config(config: dict, name: str, *, seed: int = 0, batch_norm: bool | None = None) -> dict:

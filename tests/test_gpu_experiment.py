@@ -133,6 +133,17 @@ def test_bad_shards_folder_is_an_input_error(tmp_path, capsys):
     assert "--set: 'train.epochs' is not KEY=VALUE" in capsys.readouterr().err
 
 
+def test_a_rendered_attention_target_is_refused_not_silently_ignored(tmp_path, capsys):
+    """The in-memory splits carry the stored heatmaps: data.heatmap_sigma or heatmap_joints would not reach
+    the models, so the run would report the defaults under another name."""
+    for setting in ("data.heatmap_sigma=3.0", "data.heatmap_joints=body"):
+        with pytest.raises(SystemExit) as exit_info:
+            ge.main(["--shards", str(tmp_path), "--out", str(tmp_path / "out"), "--tiny", "--set", setting])
+        assert exit_info.value.code == ge.EXIT_BAD_INPUT
+        assert f"data.{setting.split('=')[0][5:]}: the GPU experiment trains on the stored heatmaps" in \
+            capsys.readouterr().err
+
+
 def test_compile_child_is_killed_when_the_budget_runs_out(df_shards, tmp_path):
     """A child that cannot finish in time (here 0.5 s: not even `import torch`) is killed with its
     process group; every measurement it owed is recorded as skipped, with the reason."""
