@@ -211,10 +211,12 @@ def read_collection(folder: str | Path, meta: dict[str, str] | None = None) -> C
     return CollectionInfo(Vocabulary.parse(meta["vocabulary"], index), parsed["heatmap"], parsed["image_encoding"])
 
 
-def heatmap_geometry(info: CollectionInfo) -> tuple[tuple[int, int], float]:
-    """((H, W), sigma) of the collection's stored heatmaps: group heatmaps are rendered alike."""
+def heatmap_geometry(info: CollectionInfo, sigma: float | None = None) -> tuple[tuple[int, int], float]:
+    """((H, W), sigma) of the collection's stored heatmaps, or `sigma` (data.heatmap_sigma) when set:
+    every heatmap rendered from the keypoints (single target, group maps) is rendered alike."""
     size = info.heatmap.get("size", DEFAULT_SIZE)
-    return ((size, size) if isinstance(size, int) else tuple(size)), float(info.heatmap.get("sigma", DEFAULT_SIGMA))
+    sigma = sigma if sigma is not None else info.heatmap.get("sigma", DEFAULT_SIGMA)
+    return ((size, size) if isinstance(size, int) else tuple(size)), float(sigma)
 
 
 def split_group_heatmaps(folder: str | Path, split: str, group_joints: list[tuple[int, ...] | None],
@@ -232,8 +234,7 @@ def split_group_heatmaps(folder: str | Path, split: str, group_joints: list[tupl
 def _group_heatmaps(collection, group_joints: list[tuple[int, ...] | None],
                     max_items: int | None, sigma: float | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     info = read_collection(collection.folder, collection.meta)
-    size, stored_sigma = heatmap_geometry(info)
-    sigma = float(sigma) if sigma is not None else stored_sigma
+    size, sigma = heatmap_geometry(info, sigma)
     maps, lit, paths = [], [], []
     for shard_path, rows in collection.rows.items():
         if max_items is not None:
@@ -295,9 +296,8 @@ class ShardStream(IterableDataset):
         self.decode = decode
         self.max_batches = max_batches
         self.group_joints = list(group_joints) if group_joints is not None else None
-        self.heatmap_size, stored_sigma = heatmap_geometry(self.info)
         # data.heatmap_sigma widens every target this stream renders: the group maps as well as the single one
-        self.heatmap_sigma = float(heatmap_sigma) if heatmap_sigma is not None else stored_sigma
+        self.heatmap_size, self.heatmap_sigma = heatmap_geometry(self.info, heatmap_sigma)
         self.target = _TargetRendering.of(self.info, heatmap_joints, heatmap_sigma)
         self.epoch = 0
         if train and self.n_items < batch_size * world_size:
@@ -410,8 +410,7 @@ class _TargetRendering:
             tuple(subsets.get(info.heatmap.get("default_group", DEFAULT_GROUP), range(18)))
         by_category = tuple(tuple(subsets[type_group[str(t)]]) if str(t) in type_group else None
                             for t in info.vocabulary.category_types)
-        size, stored_sigma = heatmap_geometry(info)
-        return cls(by_category, default or (), size, float(sigma) if sigma is not None else stored_sigma)
+        return cls(by_category, default or (), *heatmap_geometry(info, sigma))
 
     def __call__(self, record: dict) -> np.ndarray:
         category = record["category"]
