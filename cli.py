@@ -36,6 +36,28 @@ def _fail(command: str, message, code: int) -> NoReturn:
     sys.exit(code)
 
 
+def _a_folder_that_can_be_made(context, parameter, value: str | None) -> str | None:
+    """An output folder under a file: one line naming that file, exit 1, before any work (the OS would
+    name the folder it could not make, e.g. "[Errno 20] Not a directory: 'afile/run'")."""
+    from pose_prep.atomic import UnusableOutput, check_folder_can_be_made
+
+    if value is not None:
+        try:
+            check_folder_can_be_made(value)
+        except UnusableOutput as error:
+            _fail(_command_name(context), error, EXIT_FAILED)
+    return value
+
+
+def _command_name(context) -> str:
+    """"experiment audit" for `vsam experiment audit`: the names below the top-level group."""
+    names = []
+    while context.parent is not None:
+        names.append(context.info_name)
+        context = context.parent
+    return " ".join(reversed(names))
+
+
 # --- pose (pose_prep) --------------------------------------------------------------------------
 
 _DETECTOR_HELP = "auto, blazepose, yolo, mmpose or openpose-json:DIR (default: {default})."
@@ -50,6 +72,7 @@ def _detector_default() -> str:
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of photos, searched recursively (jpg, jpeg, png, webp, bmp).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_a_folder_that_can_be_made,
               help="Output folder: <relative path>_keypoints.json per image (OpenPose format).")
 @click.option("--detector", default=None, help=_DETECTOR_HELP.format(default="auto"))
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1), help="Worker processes.")
@@ -142,6 +165,7 @@ def _echo_label_mismatches(match: dict) -> None:
 @click.option("--labels-format", type=click.Choice(["deepfashion-attr", "deepfashion", "csv"]),
               help="Force the labels format instead of detecting it from --labels.")
 @click.option("--out", default="shards", show_default=True, type=click.Path(file_okay=False),
+              callback=_a_folder_that_can_be_made,
               help="Output folder: shards, index.sqlite, reports/.")
 @click.option("--detector", default=None,
               help="Pose detector, as for `vsam pose` (default: the one the collection was built with, else auto).")
@@ -315,6 +339,7 @@ def _config_assignments(ctx, param, assignments) -> dict:
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard folder written by `vsam prep-pose`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_a_folder_that_can_be_made,
               help="Run folder: config.yaml, checkpoints/, metrics.jsonl, steps.jsonl, tensorboard/.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML recipe (default: the paper's from scratch; configs/paper.yaml adds ImageNet weights).")
@@ -506,7 +531,8 @@ def predict_command(checkpoint, onnx_model, images, out, threshold, batch_size, 
               help="A second checkpoint (e.g. vgg16) shown beside the first, for the same attributes.")
 @click.option("--images", required=True, type=click.Path(exists=True, file_okay=False),
               help="Folder of photos, searched recursively.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Gallery folder: index.html, images/.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_a_folder_that_can_be_made, help="Gallery folder: index.html, images/.")
 @click.option("--attributes", help="Comma-separated attribute names to explain (default: the top predicted).")
 @click.option("--top", default=1, show_default=True, type=click.IntRange(1),
               help="Without --attributes: how many of the best-scoring attributes to explain.")
@@ -543,6 +569,7 @@ def explain_command(checkpoint, baseline, images, out, attributes, top, limit, p
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "val", "test", "none"]),
               help="The split whose labels are audited.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_a_folder_that_can_be_made,
               help="New or empty folder (or a previous audit's): audit.csv, index.html, images/, summary.json.")
 @click.option("--calibration", default="platt", show_default=True, type=click.Choice(["platt", "isotonic", "raw"]),
               help="How each attribute's scores become probabilities (cross-fitted); raw: the model's own.")
@@ -625,7 +652,8 @@ def experiment() -> None:
                                  "Longsleeved among Coats & Jackets); needs a collection with categories.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="YAML recipe for both models (e.g. configs/tiny.yaml; default: the paper's).")
-@click.option("--out", type=click.Path(file_okay=False), help="New folder (default: label-noise-ATTRIBUTE).")
+@click.option("--out", type=click.Path(file_okay=False),
+              callback=_a_folder_that_can_be_made, help="New folder (default: label-noise-ATTRIBUTE).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seeds the dropped labels and train.seed.")
 @click.option("--eval-split", default="val", show_default=True, type=click.Choice(["val", "test", "train", "none"]),
               help="Held-out split whose true positives are scored.")
@@ -676,6 +704,7 @@ def label_noise(shards, attribute, drop, category, config_file, out, seed, eval_
 @click.option("--shards", required=True, type=click.Path(exists=True, file_okay=False),
               help="Shard folder written by `vsam prep-pose` (with a train and a val split).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
+              callback=_a_folder_that_can_be_made,
               help="New folder (or this experiment's, to continue it): shards/, runs/, audit/, audit_experiment.json.")
 @click.option("--drop-attribute", required=True, help="The attribute whose training positives lose their label.")
 @click.option("--drop", default=0.10, show_default=True, type=click.FloatRange(0, 1),

@@ -133,9 +133,14 @@ def check_output(path: str | Path) -> None:
 def check_parent_is_folder(path: str | Path) -> None:
     """UnusableOutput naming the nearest existing ancestor of `path` when that is not a folder (the
     OS would say "File exists" or "Not a directory" about a file further down)."""
-    ancestor = nearest_existing(Path(path).parent)
-    if ancestor.exists() and not ancestor.is_dir():
-        raise UnusableOutput(errno.ENOTDIR, "not a folder", str(ancestor))
+    check_folder_can_be_made(Path(path).parent)
+
+
+def check_folder_can_be_made(path: str | Path) -> None:
+    """UnusableOutput naming `path`, or the nearest ancestor of it that exists, when that is not a folder."""
+    existing = nearest_existing(path)
+    if existing.exists() and not existing.is_dir():
+        raise UnusableOutput(errno.ENOTDIR, "not a folder", str(existing))
 
 
 def nearest_existing(path: str | Path) -> Path:

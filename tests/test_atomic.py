@@ -16,8 +16,8 @@ import fixture_set
 from fifo_reader import read_fifo_in_thread
 import small_disk as small_disk_module
 from cli import main as vsam
-from pose_prep.atomic import (DiskFull, UnusableOutput, atomic_path, atomic_write_text, disk_full, is_stream,
-                              temporary_files)
+from pose_prep.atomic import (DiskFull, UnusableOutput, atomic_path, atomic_write_text, check_folder_can_be_made,
+                              disk_full, is_stream, temporary_files)
 from pose_prep.prep import PrepOptions, catalog_problems, run
 from pose_prep.shard_format import verify_collection
 from vsam_train.checkpoint import load_checkpoint
@@ -127,6 +127,17 @@ def test_a_file_a_shell_redirection_opened_is_written_in_place_through_dev_fd(tm
         subprocess.run(["sh", "-c", f'"{sys.executable}" -c "{writer}" && echo after'], stdout=appended,
                        check=True, cwd=REPO, timeout=60)
     assert out.read_text() == "new\nafter\n"
+
+
+def test_a_folder_can_be_made_unless_a_file_is_in_its_way(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("kept")
+    for folder in (tmp_path, tmp_path / "new" / "deeper"):
+        check_folder_can_be_made(folder)
+    for folder in (afile, afile / "run", afile / "deeper" / "run"):
+        with pytest.raises(UnusableOutput, match=f"^not a folder: {re.escape(str(afile))}$"):
+            check_folder_can_be_made(folder)
+    assert afile.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_a_folder_a_socket_and_a_path_under_a_file_are_refused_in_one_line_naming_them(tmp_path, monkeypatch):

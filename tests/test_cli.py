@@ -17,28 +17,36 @@ TINY = "configs/tiny.yaml"
 VSAM = str(Path(sys.executable).with_name("vsam"))
 
 
-@pytest.mark.parametrize("command", ["pose", "prep-pose", "train", "predict", "explain", "export"])
+@pytest.mark.parametrize("command", ["pose", "prep-pose", "train", "predict", "explain", "export", "audit",
+                                     "experiment label-noise", "experiment audit"])
 def test_an_output_under_a_regular_file_is_one_line_naming_it_and_exit_1(command, tmp_path, request):
-    """An output folder (or file) that cannot be created is not a traceback: one line naming it, exit 1."""
+    """An output folder (or file) that cannot be created is not a traceback: one line naming the file in the
+    way (not the OS's "Not a directory" about the folder it could not make), exit 1, the file untouched."""
     blocker = tmp_path / "a-file"
-    blocker.write_text("")
-    out = blocker / "out"
+    blocker.write_text("kept")
+    out = blocker / "deeper" / "out"
     images = fixture_set.copy_photos(tmp_path / "img", sorted(p.name for p in fixture_set.PHOTOS.glob("*.jpg"))[:1])
     if command in ("pose", "prep-pose"):
         arguments = ["--images", str(images), "--out", str(out), "--detector", "blazepose", "--no-progress"]
     elif command == "train":
         arguments = ["--shards", str(request.getfixturevalue("df_shards")), "--out", str(out), "--config", TINY,
                      "--device", "cpu"]
+    elif command.startswith("experiment"):
+        arguments = ["--shards", str(request.getfixturevalue("df_shards")), "--config", TINY, "--out", str(out),
+                     {"experiment label-noise": "--attribute", "experiment audit": "--drop-attribute"}[command],
+                     "floral"]
     else:
         checkpoint = ["--checkpoint", str(request.getfixturevalue("tiny_checkpoint"))]
         arguments = {"predict": [*checkpoint, "--images", str(images), "--out", str(out), "--workers", "0"],
                      "explain": [*checkpoint, "--images", str(images), "--out", str(out)],
-                     "export": [*checkpoint, "--format", "onnx", "--out", str(out)]}[command]
-    result = CliRunner().invoke(vsam, [command, *arguments])
+                     "export": [*checkpoint, "--format", "onnx", "--out", str(out)],
+                     "audit": [*checkpoint, "--shards", str(request.getfixturevalue("df_shards")), "--out",
+                               str(out)]}[command]
+    result = CliRunner().invoke(vsam, [*command.split(), *arguments])
     assert result.exit_code == EXIT_FAILED, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    (line,) = result.output.strip().splitlines()[-1:]
-    assert line.startswith(f"vsam {command}: ") and str(blocker) in line, result.output
+    assert result.output.strip().splitlines()[-1] == f"vsam {command}: not a folder: {blocker}", result.output
+    assert blocker.read_text() == "kept"
 
 
 @pytest.mark.parametrize("command", ["pose", "predict", "explain"])
