@@ -14,7 +14,7 @@ from pose_prep.images import load
 from vsam_train.checkpoint import load_for_inference
 from vsam_train.data import MEAN, STD, preprocess
 from vsam_train.errors import CheckpointError
-from vsam_train.inference import load_onnx, preprocess_array, resize_antialiased
+from vsam_train.inference import finite_rows, load_onnx, preprocess_array, resize_antialiased
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -196,3 +196,11 @@ def test_the_package_front_door_imports_torch_only_when_a_torch_name_is_asked_fo
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "module 'vsam_train' has no attribute 'no_such_name'"
+
+
+def test_only_the_rows_whose_scores_are_not_finite_are_flagged():
+    attributes = np.array([[0.0, 1.0], [np.nan, 1.0], [2.0, np.inf], [-1.0, -3.0]], np.float32)
+    category = np.array([[0.0], [0.0], [0.0], [-np.inf]], np.float32)
+    assert finite_rows(attributes, None).tolist() == [True, False, False, True]
+    assert finite_rows(attributes, category).tolist() == [True, False, False, False]
+    assert finite_rows(attributes[:, :0], category[:, 0]).tolist() == [True, True, True, False]

@@ -147,17 +147,6 @@ def test_scores_that_are_not_finite_are_an_error_line_per_image_not_nan(tiny_che
     assert f"failed: {records[0]['path']}: {NOT_FINITE}" in result.output
 
 
-def test_only_the_rows_whose_logits_are_not_finite_are_flagged():
-    from vsam_train.predict import finite_rows
-
-    attributes = np.array([[0.0, 1.0], [np.nan, 1.0], [2.0, np.inf], [-1.0, -3.0]], np.float32)
-    category = np.array([[0.0], [0.0], [0.0], [-np.inf]], np.float32)
-    assert finite_rows({"attributes": attributes, "category": None, "attention": None}).tolist() == \
-        [True, False, False, True]
-    assert finite_rows({"attributes": attributes, "category": category, "attention": None}).tolist() == \
-        [True, False, False, False]
-
-
 def test_predict_runs_without_a_pose_detector_and_writes_to_stdout(tiny_checkpoint, df_val_images):
     """A real process: no pose detector module (nor mediapipe) is ever imported; '-' is stdout."""
     script = ("import sys\n"

@@ -16,7 +16,7 @@ from pose_prep.atomic import atomic_write_text, make_parent_folder
 
 from .checkpoint import inference_device, stored_config
 from .data import ShardStream, make_loader
-from .inference import is_onnx, load_model
+from .inference import finite_rows, is_onnx, load_model
 from .losses import VsamLoss
 from .metrics import compute_metrics, without_nan  # noqa: F401 - without_nan: evaluate's name for callers
 from .train import evaluate
@@ -56,14 +56,13 @@ def predict_split(checkpoint: str | Path, shards: str | Path, split: str = "val"
 
 
 def _check_finite(result: dict, checkpoint, split: str) -> None:
-    """NaN or infinite scores come from the model (NaN weights, an overflow), not from the labels:
-    say so naming it, before the metrics (or audit's calibration) fail on them without a name."""
-    for name in ("attribute_scores", "category_logits"):
-        scores = result[name]
-        if scores is not None and not np.isfinite(scores).all():
-            items = int((~np.isfinite(scores).reshape(len(scores), -1).all(axis=1)).sum())
-            raise EvalError(f"{checkpoint}: the model's scores are not finite (NaN or infinite) for {items} of the "
-                            f"{len(scores)} items of split {split!r}: its weights may be damaged")
+    """Scores that are not finite: said naming the model, before the metrics (or audit's calibration)
+    fail on them without a name."""
+    finite = finite_rows(result["attribute_scores"], result["category_logits"])
+    if not finite.all():
+        raise EvalError(f"{checkpoint}: the model's scores are not finite (NaN or infinite) for "
+                        f"{int((~finite).sum())} of the {len(finite)} items of split {split!r}: its weights "
+                        f"may be damaged")
 
 
 def check_vocabulary(trained, collection, checkpoint, shards) -> None:

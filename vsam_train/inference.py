@@ -221,6 +221,16 @@ def stored_figures(values) -> dict:
     return {str(k): float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
+def finite_rows(*scores) -> np.ndarray:
+    """Per row (image) of the score arrays (None: an output the model lacks): whether all its scores are
+    finite. NaN or infinity comes from the model (NaN weights, an overflow), never from the image."""
+    present = [np.asarray(array) for array in scores if array is not None]
+    finite = np.ones(len(present[0]), bool)
+    for array in present:
+        finite &= np.isfinite(array).reshape(len(array), -1).all(axis=1)
+    return finite
+
+
 def load_model(path: str | Path, device: str = "cpu") -> tuple[object, ModelInfo]:
     """(model, ModelInfo) from a checkpoint, or from an ONNX export (by its .onnx suffix; CPU only)."""
     if is_onnx(path):

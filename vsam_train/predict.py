@@ -40,7 +40,7 @@ from pose_prep.atomic import atomic_path, make_parent_folder
 from pose_prep.images import BadImage, CatalogImage, catalog_images, load, printable_name, warn_unreadable
 from pose_prep.shard_format import Vocabulary
 
-from .inference import is_onnx, load_model
+from .inference import finite_rows, is_onnx, load_model
 
 # Images per forward pass. At 224 px a full-width model's first layers hold ~12 MB of activations per
 # image: 8 keeps the ONNX path near 0.7 GB of RSS, at the speed of larger batches (docs/inference.md).
@@ -159,15 +159,6 @@ def prediction_records(outputs: dict, vocabulary: Vocabulary, threshold: float) 
 NOT_FINITE = "the model's scores for this image are not finite (NaN or infinite): its weights may be damaged"
 
 
-def finite_rows(outputs: dict) -> np.ndarray:
-    """Per row of the outputs: whether every attribute and category logit is a finite number."""
-    finite = np.ones(_rows(outputs), bool)
-    for name in ("attributes", "category"):
-        if outputs[name] is not None:
-            finite &= np.isfinite(outputs[name]).reshape(len(finite), -1).all(axis=1)
-    return finite
-
-
 def _rows(outputs: dict) -> int:
     return next(v.shape[0] for v in outputs.values() if v is not None)
 
@@ -188,7 +179,8 @@ def predict_folder(model_file: str | Path, images: str | Path, out, *, threshold
         if inputs:
             outputs = runner(inputs)
             records = prediction_records(outputs, vocabulary, threshold)
-            for index, record, finite in zip(indices, records, finite_rows(outputs)):
+            usable = finite_rows(outputs["attributes"], outputs["category"])
+            for index, record, finite in zip(indices, records, usable):
                 if finite:
                     lines[index] = {"path": found[index].name, **record}
                 else:
