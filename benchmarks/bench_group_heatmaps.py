@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from pose_prep.heatmaps import render, to_uint8  # noqa: E402
 from pose_prep.shard_format import Shard, live_rows  # noqa: E402
-from vsam_train.config import DEFAULTS, load_config  # noqa: E402
+from vsam_train.config import DEFAULTS  # noqa: E402
 from vsam_train.data import (ShardStream, draw_augmentation, group_heatmap_targets, heatmap_geometry,  # noqa: E402
                              make_loader, read_collection)
 from vsam_train.groups import group_plan, render_group_heatmaps  # noqa: E402

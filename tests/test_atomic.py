@@ -204,9 +204,9 @@ def test_two_vsam_predict_into_one_file_leave_one_complete_output(tiny_onnx, df_
     command = [VSAM, "predict", "--model", str(tiny_onnx), "--images", str(df_val_images),
                "--out", str(out), "--workers", "0", "--batch-size", "4", "--device", "cpu"]
     runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    for run in runs:
-        _, stderr = run.communicate(timeout=300)
-        assert run.returncode == 0, stderr
+    for process in runs:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
     lines = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]   # NUL bytes would fail
     paths = [line["path"] for line in lines]
     expected = sorted(p.relative_to(df_val_images).as_posix() for p in df_val_images.rglob("*") if p.is_file())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -87,7 +88,7 @@ def test_files_that_are_not_vsam_exports_are_named(tmp_path):
         load_onnx(tmp_path / "missing.onnx")
 
 
-def _with_metadata(exported, folder, change) -> "Path":
+def _with_metadata(exported, folder, change) -> Path:
     """A copy of the export `exported` whose "vsam" metadata text is `change(metadata dict)` (a dict: as JSON)."""
     model = onnx.load(str(exported))
     entry = next(p for p in model.metadata_props if p.key == "vsam")

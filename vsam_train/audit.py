@@ -270,7 +270,7 @@ def write_audit(audited: AuditResult, checkpoint, shards, out: Path, *, split: s
     """audit.csv, index.html (with images/) and summary.json into `out` (replacing a previous audit)."""
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "images", ignore_errors=True)          # a previous audit's pictures (summary.json checked)
-    ranking, vocabulary = audited.ranking, audited.vocabulary
+    ranking = audited.ranking
     listed = listed_rows(ranking, top)
     atomic_write_text(out / "audit.csv", csv_text(audited, listed))
     shown = np.sort(np.flatnonzero(ranking.attribute_rank <= gallery)) if gallery else np.zeros(0, np.int64)

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from pose_prep.atomic import atomic_write_text, make_parent_folder
 
 from .checkpoint import inference_device, stored_config

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -436,7 +435,7 @@ def format_summary(data: dict, reference: str | None = None) -> str:
         lines.append("| majority (train rates) | – | " + " | ".join(
             f"{data['majority'][c]:.3f}" if c in data["majority"] else "–" for c in columns) + " |")
     if reference:
-        lines += ["", f"| difference (paired by seed) | n | " + " | ".join(
+        lines += ["", "| difference (paired by seed) | n | " + " | ".join(
             c.replace("group_top1/", "top-1 ") for c in columns) + " |", "|---|---|" + "---|" * len(columns)]
         for label, values in data["differences"].items():
             if label.endswith(f" - {reference}"):
