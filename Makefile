@@ -10,7 +10,7 @@ DEMO := demo-out
 setup: $(VENV)/.installed
 
 # The environment takes about 7 GiB (torch's CUDA build and its NVIDIA libraries: 5.5 GiB): say so before pip
-# runs out of room half-way (a warning, not a refusal: df can under-report a thin-provisioned disk).
+# runs out of room half-way (a warning, not a refusal: 8 GiB is an estimate, and pip may fit in less).
 $(VENV)/.installed: setup.cfg constraints.txt
 	@free_gib=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
 	if [ "$$free_gib" -lt 8 ]; then echo "setup: warning: $$free_gib GiB free here; .venv takes about 7 GiB" >&2; fi
