@@ -175,7 +175,8 @@ def _echo_label_mismatches(match: dict) -> None:
 @click.option("--scheduler", help="Dask scheduler address (with --backend dask), e.g. tcp://10.0.0.5:8786.")
 @click.option("--worker-wait", default=120, show_default=True, type=click.FloatRange(0), metavar="SECONDS",
               help="With dask: how long the run waits while the cluster has no worker (all left, or none started), "
-                   "saying so on stderr, before it stops (exit 1; what it received is committed).")
+                   "or its scheduler does not answer, saying so on stderr, before it stops (exit 1; what it "
+                   "received is committed).")
 @click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(1), help="Items per shard.")
 @click.option("--compact-below", default=50, show_default=True, type=click.IntRange(0, 100), metavar="PERCENT",
               help="At the end, rewrite every shard with at most this share of live rows (0: never); see "

@@ -13,7 +13,9 @@ What the parent watches, every `POLL_SECONDS` without a result:
   up to 120 s for one`), and stops when none has come back within `worker_wait` seconds
   (`--worker-wait`, default `DEFAULT_WORKER_WAIT`); a worker that comes back in time resumes the run;
 * **the scheduler**: when the connection is lost, distributed cancels every future; the run stops at
-  once (it does not wait for the client's own 30 s of reconnecting);
+  once, or within `IDENTITY_SECONDS` if it was asking for the workers (it does not wait for the client's
+  own 30 s of reconnecting); a scheduler that keeps the connection but does not answer (stuck, or a
+  network that drops packets) is given `worker_wait` seconds too;
 * **tasks that cannot run** (a worker without vsam, or a task that killed three workers in a row):
   the run stops and names the error.
 
@@ -36,6 +38,7 @@ NOTICE_SECONDS = 15.0
 DEFAULT_WORKER_WAIT = 120.0      # a nanny restarts a killed worker in seconds; a cluster with none for 2 min is down
 IMAGES_PER_TASK = 4
 CONNECT_SECONDS = 30
+IDENTITY_SECONDS = 5.0           # a live scheduler answers in milliseconds; a dead one is noticed by then
 
 
 class ClusterError(Exception):
@@ -132,6 +135,7 @@ class _Watch:
         self.total, self.done = total, 0
         self.threads = 0
         self.none_since: float | None = None
+        self.unanswered_since: float | None = None
         self.noticed = 0.0
         self.check()
 
@@ -141,18 +145,46 @@ class _Watch:
     def received(self, count: int) -> None:
         self.done += count
 
+    def _workers(self) -> dict | None:
+        """The scheduler's workers, None if it did not answer within IDENTITY_SECONDS but the client still
+        holds its connection. Not `Client.scheduler_info()`: asked in the moment between the scheduler's death
+        and the client noticing it, that opens a new connection, which distributed retries for the client's
+        whole connect timeout (30 s) and then answers with its cached, stale, list of workers."""
+        if self.client.status != "running":      # "connecting": the connection is lost, it tries again
+            raise self.scheduler_lost()
+        try:
+            identity = self.client.sync(self.client.scheduler.identity, n_workers=-1,
+                                        callback_timeout=IDENTITY_SECONDS)
+        except TimeoutError:
+            if self.client.status != "running":
+                raise self.scheduler_lost() from None
+            return None
+        except (OSError, CancelledError):
+            raise self.scheduler_lost() from None
+        return identity.get("workers", {})
+
+    def _no_answer(self, now: float) -> None:
+        """A scheduler that holds its connection but does not answer (stuck, or a network that drops packets
+        without closing the connection) is given `worker_wait` seconds, as a cluster without workers is."""
+        if self.unanswered_since is None:
+            self.unanswered_since = now - IDENTITY_SECONDS
+            self.notify(f"the Dask scheduler at {self.address} does not answer: waiting up to "
+                        f"{self.worker_wait:.0f} s ({self.done} of {self.total} images done)")
+        if now - self.unanswered_since >= self.worker_wait:
+            raise ClusterError(f"the Dask scheduler at {self.address} has not answered for {self.worker_wait:g} s "
+                               f"(it is stuck, or the network to it is) after {self.done} of {self.total} images")
+
     def scheduler_lost(self) -> ClusterError:
         return ClusterError(f"lost the Dask scheduler at {self.address} (it stopped, or the network to it did)")
 
     def check(self) -> None:
-        if self.client.status != "running":      # "connecting": the connection is lost, it tries again
-            raise self.scheduler_lost()
-        try:
-            workers = self.client.scheduler_info()["workers"]
-        except (OSError, KeyError, CancelledError):
-            raise self.scheduler_lost() from None
-        self.threads = sum(w.get("nthreads", 1) for w in workers.values())
+        workers = self._workers()
         now = time.monotonic()
+        if workers is None:
+            self._no_answer(now)
+            return
+        self.unanswered_since = None
+        self.threads = sum(w.get("nthreads", 1) for w in workers.values())
         if workers:
             if self.none_since is not None:
                 self.notify(f"{len(workers)} Dask worker(s) at {self.address} again: going on")

@@ -16,6 +16,7 @@ import pytest
 import fixture_set
 from fixture_set import copy_photos
 from pose_prep import lock
+from pose_prep.cluster import CONNECT_SECONDS, IDENTITY_SECONDS, ClusterError, _Watch
 from pose_prep.prep import PrepError, PrepOptions, catalog_problems, run
 from pose_prep.shard_format import count_live, open_index
 
@@ -177,6 +178,48 @@ def test_the_scheduler_killed_mid_run_stops_the_run_at_once_with_one_line(cluste
     assert 0 < committed < 48
     assert (report(out)["status"], report(out)["stored"], report(out)["items_total"]) == ("failed", committed, committed)
     finish_locally(catalog, out, committed)
+
+
+def test_the_watch_asked_just_after_the_scheduler_died_says_so_within_seconds(cluster):
+    """The moment between the scheduler's death and the client noticing it: asking then for the workers opened a
+    new connection that distributed retried for 30 s (CI saw the run stop after 30 s instead of at once)."""
+    from distributed import Client
+
+    cluster.add_worker(nanny=False)
+    with Client(cluster.address, timeout=CONNECT_SECONDS) as client:
+        watch = _Watch(client, cluster.address, worker_wait=120, notify=print, total=1)
+        assert watch.threads == 1
+        cluster.kill(cluster.scheduler)
+        asked = time.monotonic()
+        with pytest.raises(ClusterError, match="^lost the Dask scheduler at "):
+            for _ in range(2):          # the first may still find the client's connection open
+                watch.check()
+        assert time.monotonic() - asked < IDENTITY_SECONDS + 3
+        client.close(timeout=2)
+
+
+def test_a_scheduler_that_does_not_answer_is_waited_for_worker_wait_seconds_then_named(cluster):
+    """SIGSTOP: the connection stays open and nothing answers (asking for the workers used to wait for good)."""
+    from distributed import Client
+
+    cluster.add_worker(nanny=False)
+    notices = []
+    with Client(cluster.address, timeout=CONNECT_SECONDS) as client:
+        watch = _Watch(client, cluster.address, worker_wait=IDENTITY_SECONDS + 1, notify=notices.append, total=8)
+        os.kill(cluster.scheduler.pid, signal.SIGSTOP)
+        try:
+            asked = time.monotonic()
+            watch.check()                       # no answer yet: a notice, and the run goes on
+            assert notices == [f"the Dask scheduler at {cluster.address} does not answer: waiting up to "
+                               f"{IDENTITY_SECONDS + 1:.0f} s (0 of 8 images done)"]
+            with pytest.raises(ClusterError, match=rf"^the Dask scheduler at {cluster.address} has not answered for "
+                                                   rf"{IDENTITY_SECONDS + 1:g} s \(it is stuck, or the network to it "
+                                                   r"is\) after 0 of 8 images$"):
+                watch.check()
+            assert time.monotonic() - asked < 3 * IDENTITY_SECONDS
+        finally:
+            os.kill(cluster.scheduler.pid, signal.SIGCONT)
+        client.close(timeout=2)
 
 
 def test_a_worker_killed_under_its_nanny_is_restarted_and_every_image_is_stored_once(cluster, catalog, tmp_path):

@@ -302,7 +302,7 @@ def test_a_held_lock_blocks_at_once(tmp_path, kill_catalog):
         started = time.monotonic()
         with pytest.raises(lock.Busy, match=f"pid {os.getpid()}"):
             prep(kill_catalog, out)
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 5.0         # a lock wait would never end: 5 s is slack for a loaded machine
     assert not lock.is_locked(out)
 
 
