@@ -144,6 +144,7 @@ class _Watch:
 
     def received(self, count: int) -> None:
         self.done += count
+        self.unanswered_since = None     # results flow: a later silence is a new one, not this one's sequel
 
     def _workers(self) -> dict | None:
         """The scheduler's workers, None if it did not answer within IDENTITY_SECONDS but the client still
@@ -168,8 +169,9 @@ class _Watch:
         without closing the connection) is given `worker_wait` seconds, as a cluster without workers is."""
         if self.unanswered_since is None:
             self.unanswered_since = now - IDENTITY_SECONDS
-            self.notify(f"the Dask scheduler at {self.address} does not answer: waiting up to "
-                        f"{self.worker_wait:.0f} s ({self.done} of {self.total} images done)")
+            self.notify(f"the Dask scheduler at {self.address} has not answered for {IDENTITY_SECONDS:g} s: waiting "
+                        f"up to {max(0.0, self.worker_wait - IDENTITY_SECONDS):.0f} s more ({self.done} of "
+                        f"{self.total} images done)")
         if now - self.unanswered_since >= self.worker_wait:
             raise ClusterError(f"the Dask scheduler at {self.address} has not answered for {self.worker_wait:g} s "
                                f"(it is stuck, or the network to it is) after {self.done} of {self.total} images")
@@ -183,7 +185,9 @@ class _Watch:
         if workers is None:
             self._no_answer(now)
             return
-        self.unanswered_since = None
+        if self.unanswered_since is not None:
+            self.notify(f"the Dask scheduler at {self.address} answers again: going on")
+            self.unanswered_since = None
         self.threads = sum(w.get("nthreads", 1) for w in workers.values())
         if workers:
             if self.none_since is not None:

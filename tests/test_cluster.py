@@ -199,22 +199,31 @@ def test_the_watch_asked_just_after_the_scheduler_died_says_so_within_seconds(cl
 
 
 def test_a_scheduler_that_does_not_answer_is_waited_for_worker_wait_seconds_then_named(cluster):
-    """SIGSTOP: the connection stays open and nothing answers (asking for the workers used to wait for good)."""
+    """SIGSTOP: the connection stays open and nothing answers (asking for the workers used to wait for good).
+    One that answers again within the wait resumes the run; a later silence is counted from its own start."""
     from distributed import Client
 
     cluster.add_worker(nanny=False)
     notices = []
+    wait = IDENTITY_SECONDS + 1
+    silent = (f"the Dask scheduler at {cluster.address} has not answered for {IDENTITY_SECONDS:g} s: waiting up to "
+              f"1 s more (0 of 8 images done)")
     with Client(cluster.address, timeout=CONNECT_SECONDS) as client:
-        watch = _Watch(client, cluster.address, worker_wait=IDENTITY_SECONDS + 1, notify=notices.append, total=8)
-        os.kill(cluster.scheduler.pid, signal.SIGSTOP)
+        watch = _Watch(client, cluster.address, worker_wait=wait, notify=notices.append, total=8)
         try:
-            asked = time.monotonic()
+            os.kill(cluster.scheduler.pid, signal.SIGSTOP)
             watch.check()                       # no answer yet: a notice, and the run goes on
-            assert notices == [f"the Dask scheduler at {cluster.address} does not answer: waiting up to "
-                               f"{IDENTITY_SECONDS + 1:.0f} s (0 of 8 images done)"]
+            assert notices == [silent]
+            os.kill(cluster.scheduler.pid, signal.SIGCONT)
+            watch.check()
+            assert notices[1:] == [f"the Dask scheduler at {cluster.address} answers again: going on"]
+            os.kill(cluster.scheduler.pid, signal.SIGSTOP)
+            asked = time.monotonic()
+            watch.check()
+            assert notices[2:] == [silent]
             with pytest.raises(ClusterError, match=rf"^the Dask scheduler at {cluster.address} has not answered for "
-                                                   rf"{IDENTITY_SECONDS + 1:g} s \(it is stuck, or the network to it "
-                                                   r"is\) after 0 of 8 images$"):
+                                                   rf"{wait:g} s \(it is stuck, or the network to it is\) after 0 "
+                                                   r"of 8 images$"):
                 watch.check()
             assert time.monotonic() - asked < 3 * IDENTITY_SECONDS
         finally:
