@@ -201,7 +201,8 @@ def test_dask_backend_against_a_local_cluster(tmp_path):
     images = copy_photos(tmp_path / "img", SUBSET[:5])
     prep(images, tmp_path / "local")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp://",
-                      dashboard_address=None) as cluster:
+                      dashboard_address=None, scheduler_kwargs={"dashboard_address": ":0"}) as cluster:
+        # ":0": the scheduler's HTTP server (it has one even without a dashboard) takes a free port, not 8787
         assert cluster.scheduler_address.startswith("tcp://")
         report = prep(images, tmp_path / "dask", backend="dask", scheduler=cluster.scheduler_address, shard_size=2)
     assert report.processed == 5 and report.exit_code == 0
