@@ -16,7 +16,7 @@ import pytest
 import fixture_set
 from fixture_set import copy_photos
 from pose_prep import lock
-from pose_prep.cluster import CONNECT_SECONDS, IDENTITY_SECONDS, ClusterError, _Watch
+from pose_prep.cluster import CONNECT_SECONDS, IDENTITY_SECONDS, ClusterError, _close, _Watch
 from pose_prep.prep import PrepError, PrepOptions, catalog_problems, run
 from pose_prep.shard_format import count_live, open_index
 
@@ -195,7 +195,7 @@ def test_the_watch_asked_just_after_the_scheduler_died_says_so_within_seconds(cl
             for _ in range(2):          # the first may still find the client's connection open
                 watch.check()
         assert time.monotonic() - asked < IDENTITY_SECONDS + 3
-        client.close(timeout=2)
+        _close(client, lost=True)       # as the run does: without waiting out the client's reconnecting
 
 
 def test_a_scheduler_that_does_not_answer_is_waited_for_worker_wait_seconds_then_named(cluster):
@@ -228,7 +228,6 @@ def test_a_scheduler_that_does_not_answer_is_waited_for_worker_wait_seconds_then
             assert time.monotonic() - asked < 3 * IDENTITY_SECONDS
         finally:
             os.kill(cluster.scheduler.pid, signal.SIGCONT)
-        client.close(timeout=2)
 
 
 def test_a_worker_killed_under_its_nanny_is_restarted_and_every_image_is_stored_once(cluster, catalog, tmp_path):
